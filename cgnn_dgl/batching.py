@@ -1,0 +1,227 @@
+"""Stage 5: from cached graphs to mini-batch heterographs.
+
+All crystals of a cache are held as a handful of flat numpy arrays (about 0.3 kB per OQMD crystal)
+and every mini-batch graph is built straight from sliced arrays: one ``dgl.heterograph`` call per
+batch instead of ``dgl.batch`` over hundreds of small graph objects. Shuffling is numpy fancy
+indexing. This keeps the data path far ahead of the training step (see ``bench/cache.py``).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+import cgnn_dgl  # noqa: F401
+import dgl
+from cgnn_dgl.graph import BOND, IN
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenation of ``arange(s, s + n)`` for every (s, n), without a Python loop."""
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    ends = np.cumsum(lengths)
+    # offset of each output element relative to the start of its own range
+    run_start = np.repeat(ends - lengths, lengths)
+    return np.repeat(starts, lengths) + (np.arange(total, dtype=np.int64) - run_start)
+
+
+@dataclass
+class PackedGraphs:
+    """Many crystal graphs as compact arrays; bonds use per-crystal local atom indices."""
+
+    numbers: np.ndarray  # (A,) uint8 atomic numbers
+    node_ptr: np.ndarray  # (K+1,) int64 offsets into numbers
+    bond_src: np.ndarray  # (B,) int32 neighbour, local to its crystal
+    bond_dst: np.ndarray  # (B,) int32 centre, local to its crystal
+    edge_ptr: np.ndarray  # (K+1,) int64 offsets into bonds
+    y: np.ndarray  # (K, 4) float64
+    y_mask: np.ndarray  # (K, 4) bool
+    entry_id: np.ndarray  # (K,) int64 keys (OQMD entry id or input index)
+    names: list[str]
+
+    def __len__(self) -> int:
+        return int(self.entry_id.shape[0])
+
+    @property
+    def n_atoms(self) -> np.ndarray:
+        return np.diff(self.node_ptr)
+
+    @property
+    def n_bonds(self) -> np.ndarray:
+        return np.diff(self.edge_ptr)
+
+    @property
+    def nbytes(self) -> int:
+        arrays = (self.numbers, self.node_ptr, self.bond_src, self.bond_dst, self.edge_ptr, self.y, self.y_mask,
+                  self.entry_id)
+        return int(sum(a.nbytes for a in arrays))
+
+    # -- construction ------------------------------------------------------------------------------
+    @classmethod
+    def from_arrays(cls, numbers, n_atoms, n_bonds, bond_src, bond_dst, y, y_mask, entry_id, names) -> "PackedGraphs":
+        node_ptr = np.zeros(len(n_atoms) + 1, dtype=np.int64)
+        np.cumsum(n_atoms, out=node_ptr[1:])
+        edge_ptr = np.zeros(len(n_bonds) + 1, dtype=np.int64)
+        np.cumsum(n_bonds, out=edge_ptr[1:])
+        return cls(np.asarray(numbers, np.uint8), node_ptr, np.asarray(bond_src, np.int32),
+                   np.asarray(bond_dst, np.int32), edge_ptr, np.asarray(y, np.float64), np.asarray(y_mask, bool),
+                   np.asarray(entry_id, np.int64), list(names))
+
+    @classmethod
+    def concatenate(cls, parts: Sequence["PackedGraphs"]) -> "PackedGraphs":
+        if not parts:
+            return cls.from_arrays([], [], [], [], [], np.zeros((0, 4)), np.zeros((0, 4), bool), [], [])
+        return cls.from_arrays(
+            np.concatenate([p.numbers for p in parts]),
+            np.concatenate([p.n_atoms for p in parts]),
+            np.concatenate([p.n_bonds for p in parts]),
+            np.concatenate([p.bond_src for p in parts]),
+            np.concatenate([p.bond_dst for p in parts]),
+            np.concatenate([p.y for p in parts]),
+            np.concatenate([p.y_mask for p in parts]),
+            np.concatenate([p.entry_id for p in parts]),
+            [n for p in parts for n in p.names],
+        )
+
+    @classmethod
+    def from_built(cls, built: Sequence) -> "PackedGraphs":
+        """From :class:`cgnn_dgl.cache.Built` records (e.g. straight from the pipeline, no cache)."""
+        counts = [b.counts for b in built]
+        return cls.from_arrays(
+            np.concatenate([b.numbers for b in built]) if built else [],
+            [len(b.numbers) for b in built],
+            [len(b.nbr) for b in built],
+            np.concatenate([b.nbr for b in built]) if built else [],
+            np.concatenate([np.repeat(np.arange(len(c)), c) for c in counts]) if built else [],
+            np.stack([b.y for b in built]) if built else np.zeros((0, 4)),
+            np.stack([b.y_mask for b in built]) if built else np.zeros((0, 4), bool),
+            [b.key for b in built],
+            [b.name for b in built],
+        )
+
+    @classmethod
+    def from_graphs(cls, graphs: Sequence[dgl.DGLHeteroGraph], names: Sequence[str] | None = None) -> "PackedGraphs":
+        """From single-crystal heterographs as made by :func:`cgnn_dgl.graph.crystal_graph`."""
+        parts_src, parts_dst, nums, na, nb, ys, masks, ids = [], [], [], [], [], [], [], []
+        for g in graphs:
+            s, d = g.edges(etype=BOND, order="eid")
+            parts_src.append(s.numpy())
+            parts_dst.append(d.numpy())
+            nums.append(g.nodes["atom"].data["Z"].numpy())
+            na.append(g.num_nodes("atom"))
+            nb.append(g.num_edges(BOND))
+            c = g.nodes["crystal"].data
+            ys.append(c["y"].numpy().reshape(-1))
+            masks.append(c["y_mask"].numpy().reshape(-1))
+            ids.append(int(c["entry_id"][0]) if "entry_id" in c else len(ids))
+        names = list(names) if names is not None else [str(i) for i in ids]
+        return cls.from_arrays(np.concatenate(nums) if nums else [], na, nb,
+                               np.concatenate(parts_src) if parts_src else [],
+                               np.concatenate(parts_dst) if parts_dst else [],
+                               np.stack(ys) if ys else np.zeros((0, 4)),
+                               np.stack(masks) if masks else np.zeros((0, 4), bool), ids, names)
+
+    @classmethod
+    def from_cache(cls, root, *, verify: bool = True, progress: bool = False) -> "PackedGraphs":
+        from cgnn_dgl.cache import check_shard, open_manifest, read_shard_arrays
+        from cgnn_dgl.errors import CgnnError
+        from cgnn_dgl.report import progress as bar
+
+        root = Path(root)
+        manifest = open_manifest(root)
+        if not manifest.get("complete"):
+            raise CgnnError(f"{root}: the cache build did not finish; run the same build command again to resume")
+        parts = []
+        for shard in bar(manifest["shards"], desc="loading cache", unit="shard", disable=not progress or None):
+            if verify:
+                reason = check_shard(root, shard)
+                if reason:
+                    raise CgnnError(f"{root}: shard {shard['file']} (keys {shard['key_first']}..{shard['key_last']}) "
+                                    f"is unusable: {reason}; rerun the build command to rebuild it")
+            a = read_shard_arrays(root / shard["file"])
+            with open(root / shard["meta"]) as fh:
+                names = json.load(fh)["names"]
+            parts.append(cls.from_arrays(a["numbers"], a["n_atoms"], a["n_bonds"], a["bond_src"], a["bond_dst"],
+                                         a["y"], a["y_mask"], a["entry_id"], names))
+        return cls.concatenate(parts)
+
+    # -- selection ---------------------------------------------------------------------------------
+    def subset(self, idx) -> "PackedGraphs":
+        idx = np.asarray(idx, dtype=np.int64)
+        na, nb = self.n_atoms[idx], self.n_bonds[idx]
+        atoms = _ranges(self.node_ptr[idx], na)
+        bonds = _ranges(self.edge_ptr[idx], nb)
+        return PackedGraphs.from_arrays(self.numbers[atoms], na, nb, self.bond_src[bonds], self.bond_dst[bonds],
+                                        self.y[idx], self.y_mask[idx], self.entry_id[idx],
+                                        [self.names[i] for i in idx])
+
+    def batch(self, idx) -> dgl.DGLHeteroGraph:
+        """One batched heterograph for crystals ``idx`` (schema of ``graph.py``), built from arrays."""
+        idx = np.asarray(idx, dtype=np.int64)
+        na, nb = self.n_atoms[idx], self.n_bonds[idx]
+        atoms = _ranges(self.node_ptr[idx], na)
+        bonds = _ranges(self.edge_ptr[idx], nb)
+        new_off = np.zeros(len(idx), dtype=np.int64)
+        np.cumsum(na[:-1], out=new_off[1:])
+        shift = np.repeat(new_off, nb)
+        src = self.bond_src[bonds] + shift
+        dst = self.bond_dst[bonds] + shift
+        n_total = int(na.sum())
+        g = dgl.heterograph(
+            {
+                BOND: (torch.from_numpy(src), torch.from_numpy(dst)),
+                IN: (torch.arange(n_total), torch.from_numpy(np.repeat(np.arange(len(idx)), na))),
+            },
+            num_nodes_dict={"atom": n_total, "crystal": len(idx)},
+        )
+        g.set_batch_num_nodes({"atom": torch.from_numpy(na), "crystal": torch.ones(len(idx), dtype=torch.int64)})
+        g.set_batch_num_edges({BOND: torch.from_numpy(nb), IN: torch.from_numpy(na)})
+        g.nodes["atom"].data["Z"] = torch.from_numpy(self.numbers[atoms].astype(np.int64))
+        g.nodes["crystal"].data["y"] = torch.from_numpy(self.y[idx])
+        g.nodes["crystal"].data["y_mask"] = torch.from_numpy(self.y_mask[idx])
+        g.nodes["crystal"].data["entry_id"] = torch.from_numpy(self.entry_id[idx])
+        return g
+
+    # -- composition helpers (splits, statistics) --------------------------------------------------
+    def compositions(self) -> list[dict[int, int]]:
+        out = []
+        for k in range(len(self)):
+            z, c = np.unique(self.numbers[self.node_ptr[k]:self.node_ptr[k + 1]], return_counts=True)
+            out.append(dict(zip(z.tolist(), c.tolist())))
+        return out
+
+    def n_elements(self) -> np.ndarray:
+        return np.array([len(c) for c in self.compositions()], dtype=np.int64)
+
+    def formulas(self) -> list[str]:
+        """Reduced formulas (pymatgen convention), e.g. for the reference's formula-grouped split."""
+        from pymatgen.core import Composition, Element
+
+        cache: dict[tuple, str] = {}
+        out = []
+        for comp in self.compositions():
+            key = tuple(sorted(comp.items()))
+            if key not in cache:
+                cache[key] = Composition({Element.from_Z(z): n for z, n in key}).reduced_formula
+            out.append(cache[key])
+        return out
+
+
+def iter_batches(packed: PackedGraphs, indices, batch_size: int, shuffle: bool = False,
+                 rng: np.random.Generator | None = None, drop_last: bool = False) -> Iterator[tuple[np.ndarray, dgl.DGLHeteroGraph]]:
+    """Yield ``(idx, graph)`` mini-batches over ``indices`` (reshuffled per call when ``shuffle``)."""
+    indices = np.asarray(indices, dtype=np.int64)
+    if shuffle:
+        rng = rng if rng is not None else np.random.default_rng()
+        indices = indices[rng.permutation(len(indices))]
+    stop = len(indices) - (len(indices) % batch_size if drop_last else 0)
+    for start in range(0, stop, batch_size):
+        idx = indices[start:start + batch_size]
+        if len(idx):
+            yield idx, packed.batch(idx)

@@ -1,0 +1,558 @@
+"""Stage 4: the graph cache — packed DGL binary graph files plus a manifest.
+
+One DGL graph object per crystal is far too slow to save, load and batch at OQMD scale, so each shard
+file holds ONE heterograph that packs thousands of crystals (same schema as ``graph.py``, crystals
+stacked), with per-crystal atom/bond counts stored as labels. Loading a shard is then a few large
+array copies.
+
+Layout::
+
+    CACHE/manifest.json            parameters, code version, source (never a password), shard list
+    CACHE/shards/shard-NNNNNN.bin  dgl.save_graphs([packed graph], {"n_atoms", "n_bonds", "key"})
+    CACHE/shards/shard-NNNNNN.json names and rejects of the shard (sidecar)
+    CACHE/rejects.csv              every reject: key, name, reason, message
+
+Every shard covers a contiguous range of input *keys* (input index or OQMD entry id) and is written
+atomically (temporary file, fsync, rename; then the manifest the same way), so a build interrupted at
+any point resumes without duplicates or gaps. On open, shards whose file is missing, whose checksum
+differs or whose parameters are stale are named, dropped and rebuilt alone.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+import cgnn_dgl
+import dgl
+from cgnn_dgl import TARGETS
+from cgnn_dgl.errors import CgnnError
+from cgnn_dgl.graph import BOND, IN
+
+log = logging.getLogger(__name__)
+
+FORMAT = "cgnn-dgl-cache"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+DEFAULT_SHARD_SIZE = 8192
+
+
+class CacheMismatch(CgnnError):
+    """The cache at a path was built from other inputs or parameters."""
+
+
+@dataclass
+class Built:
+    """One crystal's graph in compact form (cheap to pickle between processes)."""
+
+    key: int
+    name: str
+    numbers: np.ndarray  # (n,) atomic numbers
+    counts: np.ndarray  # (n,) neighbours per centre atom
+    nbr: np.ndarray  # (sum counts,) neighbour index per bond, centre-major, reference order
+    y: np.ndarray  # (4,) float64, 0 where missing
+    y_mask: np.ndarray  # (4,) bool
+    flags: dict = field(default_factory=dict)
+
+
+@dataclass
+class Reject:
+    key: int
+    name: str
+    reason: str
+    message: str
+
+
+# --------------------------------------------------------------------------------------------------
+# atomic file helpers
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode())
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# shard encoding
+
+
+def pack_graph(built: Sequence[Built]) -> tuple[dgl.DGLHeteroGraph, dict[str, torch.Tensor]]:
+    """Stack many crystals into one heterograph (int32 ids) with per-crystal counts as labels."""
+    k = len(built)
+    n_atoms = np.fromiter((len(b.numbers) for b in built), dtype=np.int64, count=k)
+    n_bonds = np.fromiter((len(b.nbr) for b in built), dtype=np.int64, count=k)
+    atom_off = np.concatenate([[0], np.cumsum(n_atoms)[:-1]]) if k else np.zeros(0, np.int64)
+    total_atoms = int(n_atoms.sum())
+    if k:
+        z = np.concatenate([b.numbers for b in built]).astype(np.int64)
+        nbr = np.concatenate([b.nbr for b in built]).astype(np.int64)
+        centre = np.concatenate([np.repeat(np.arange(len(b.counts)), b.counts) for b in built]).astype(np.int64)
+        shift = np.repeat(atom_off, n_bonds)
+        src, dst = nbr + shift, centre + shift
+        y = np.stack([b.y for b in built]).astype(np.float64)
+        mask = np.stack([b.y_mask for b in built]).astype(np.uint8)
+    else:
+        z = src = dst = np.zeros(0, np.int64)
+        y, mask = np.zeros((0, len(TARGETS))), np.zeros((0, len(TARGETS)), np.uint8)
+    keys = np.fromiter((b.key for b in built), dtype=np.int64, count=k)
+    g = dgl.heterograph(
+        {
+            BOND: (torch.from_numpy(src).int(), torch.from_numpy(dst).int()),
+            IN: (torch.arange(total_atoms, dtype=torch.int32), torch.from_numpy(np.repeat(np.arange(k), n_atoms)).int()),
+        },
+        num_nodes_dict={"atom": total_atoms, "crystal": k},
+        idtype=torch.int32,
+    )
+    g.nodes["atom"].data["Z"] = torch.from_numpy(z.astype(np.int16))
+    g.nodes["crystal"].data["y"] = torch.from_numpy(y)
+    g.nodes["crystal"].data["y_mask"] = torch.from_numpy(mask)
+    g.nodes["crystal"].data["entry_id"] = torch.from_numpy(keys)
+    labels = {"n_atoms": torch.from_numpy(n_atoms), "n_bonds": torch.from_numpy(n_bonds), "key": torch.from_numpy(keys)}
+    return g, labels
+
+
+def content_digest(arrays: dict[str, np.ndarray]) -> str:
+    """sha256 of a shard's decoded content: DGL's file bytes are not deterministic, the content is."""
+    h = hashlib.sha256()
+    for key in ("numbers", "n_atoms", "n_bonds", "bond_src", "bond_dst", "y", "y_mask", "entry_id"):
+        a = np.ascontiguousarray(arrays[key])
+        h.update(key.encode())
+        h.update(str(a.dtype).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def read_shard_arrays(path: Path) -> dict[str, np.ndarray]:
+    """A shard file -> flat numpy arrays (bonds as per-crystal local indices)."""
+    graphs, labels = dgl.load_graphs(str(path))
+    g = graphs[0]
+    n_atoms = labels["n_atoms"].numpy()
+    n_bonds = labels["n_bonds"].numpy()
+    src, dst = (t.numpy().astype(np.int64) for t in g.edges(etype=BOND, order="eid"))
+    atom_off = np.concatenate([[0], np.cumsum(n_atoms)[:-1]]).astype(np.int64)
+    shift = np.repeat(atom_off, n_bonds)
+    return {
+        "numbers": g.nodes["atom"].data["Z"].numpy().astype(np.uint8),
+        "n_atoms": n_atoms,
+        "n_bonds": n_bonds,
+        "bond_src": (src - shift).astype(np.int32),
+        "bond_dst": (dst - shift).astype(np.int32),
+        "y": g.nodes["crystal"].data["y"].numpy(),
+        "y_mask": g.nodes["crystal"].data["y_mask"].numpy().astype(bool),
+        "entry_id": labels["key"].numpy(),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# manifest and writer
+
+
+def _shard_name(index: int) -> str:
+    return f"shard-{index:06d}"
+
+
+def read_manifest(root: Path) -> dict | None:
+    path = Path(root) / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        with open(path) as fh:
+            manifest = json.load(fh)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CgnnError(f"{path}: unreadable cache manifest ({exc}); remove the cache folder to rebuild") from None
+    if manifest.get("format") != FORMAT:
+        raise CgnnError(f"{path}: not a cgnn-dgl cache manifest")
+    return manifest
+
+
+def check_shard(root: Path, shard: dict, expected: dict | None = None) -> str | None:
+    """Why a shard is unusable (missing, corrupt, stale), or None when it is good."""
+    for key in ("file", "meta"):
+        p = Path(root) / shard[key]
+        if not p.exists():
+            return f"missing file {shard[key]}"
+        if sha256_file(p) != shard[f"{key}_sha256"]:
+            return f"checksum mismatch in {shard[key]} (corrupt or modified)"
+    if expected is not None:
+        for k, v in expected.items():
+            if shard.get(k) != v:
+                return f"stale: built with {k}={shard.get(k)!r}, now {v!r}"
+    return None
+
+
+class CacheWriter:
+    """Appends shards to a cache folder atomically and tells builders which keys are already done."""
+
+    def __init__(self, root, *, source: dict, params, shard_size: int = DEFAULT_SHARD_SIZE, overwrite: bool = False):
+        self.root = Path(root)
+        self.shard_size = int(shard_size)
+        self.params = params.as_dict() if hasattr(params, "as_dict") else dict(params)
+        self.source = dict(source)
+        self.invalid: list[tuple[dict, str]] = []
+        if overwrite and self.root.exists():
+            shutil.rmtree(self.root)
+        (self.root / "shards").mkdir(parents=True, exist_ok=True)
+        manifest = read_manifest(self.root)
+        if manifest is None:
+            manifest = {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "source": self.source,
+                "coordinator": self.params,
+                "targets": list(TARGETS),
+                "shard_size": self.shard_size,
+                "next_index": 0,
+                "complete": False,
+                "shards": [],
+            }
+        else:
+            if manifest.get("source") != self.source:
+                raise CacheMismatch(
+                    f"{self.root} was built from another source ({manifest.get('source')}); "
+                    "use a new --out folder or --overwrite"
+                )
+            self.shard_size = int(manifest.get("shard_size", self.shard_size))
+        self.manifest = manifest
+        self._validate_existing()
+
+    # -- state -------------------------------------------------------------------------------------
+    @property
+    def shards(self) -> list[dict]:
+        return self.manifest["shards"]
+
+    def _expected(self) -> dict:
+        return {"coordinator": self.params, "code_version": cgnn_dgl.__version__, "format_version": FORMAT_VERSION}
+
+    def _validate_existing(self) -> None:
+        good = []
+        for shard in self.shards:
+            reason = check_shard(self.root, shard, self._expected())
+            if reason is None:
+                good.append(shard)
+            else:
+                self.invalid.append((shard, reason))
+                log.warning("cache shard %s (keys %s..%s) %s: it will be rebuilt", shard["file"],
+                            shard["key_first"], shard["key_last"], reason)
+                for k in ("file", "meta"):
+                    (self.root / shard[k]).unlink(missing_ok=True)
+        listed = {self.root / s[k] for s in good for k in ("file", "meta")}
+        for f in (self.root / "shards").iterdir():  # orphans of an interrupted write
+            if f not in listed:
+                f.unlink()
+        if len(good) != len(self.shards) or self.manifest.get("coordinator") != self.params:
+            self.manifest["shards"] = good
+            self.manifest["coordinator"] = self.params
+            self.manifest["complete"] = False
+            self._save_manifest()
+        self._ranges = sorted((s["key_first"], s["key_last"]) for s in good)
+
+    @property
+    def resume_key(self) -> int | None:
+        """The largest key covered by a finished shard (None for an empty cache)."""
+        return max((s["key_last"] for s in self.shards), default=None)
+
+    @property
+    def gaps(self) -> list[tuple[int, int]]:
+        """Key ranges of shards dropped as corrupt or stale, to be rebuilt."""
+        return sorted((s["key_first"], s["key_last"]) for s, _ in self.invalid)
+
+    def covered(self, key: int) -> bool:
+        return any(a <= key <= b for a, b in self._ranges)
+
+    def next_uncovered(self, key: int) -> int:
+        """The smallest key >= ``key`` that no finished shard covers."""
+        for a, b in self._ranges:
+            if a <= key <= b:
+                key = b + 1
+        return key
+
+    def blocked_between(self, k1: int, k2: int) -> bool:
+        """True when a finished shard starts strictly between two keys (a shard must not span it)."""
+        return any(k1 < a < k2 for a, _ in self._ranges)
+
+    # -- writing -----------------------------------------------------------------------------------
+    def write_shard(self, built: Sequence[Built], rejects: Sequence[Reject], key_range: tuple[int, int]) -> dict:
+        index = int(self.manifest["next_index"])
+        name = _shard_name(index)
+        bin_path = self.root / "shards" / f"{name}.bin"
+        meta_path = self.root / "shards" / f"{name}.json"
+        g, labels = pack_graph(built)
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=bin_path.parent)
+        os.close(fd)
+        try:
+            dgl.save_graphs(tmp, [g], labels)
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, bin_path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        meta = {
+            "names": [b.name for b in built],
+            "rejects": [[r.key, r.name, r.reason, r.message] for r in rejects],
+        }
+        atomic_write_json(meta_path, meta)
+        keys = [b.key for b in built]
+        shard = {
+            "index": index,
+            "file": f"shards/{name}.bin",
+            "meta": f"shards/{name}.json",
+            "key_first": int(key_range[0]),
+            "key_last": int(key_range[1]),
+            "n_graphs": len(built),
+            "n_rejects": len(rejects),
+            "n_atoms": int(labels["n_atoms"].sum()),
+            "n_bonds": int(labels["n_bonds"].sum()),
+            "id_min": int(min(keys)) if keys else None,
+            "id_max": int(max(keys)) if keys else None,
+            "file_sha256": sha256_file(bin_path),
+            "content_sha256": content_digest(read_shard_arrays(bin_path)),
+            "meta_sha256": sha256_file(meta_path),
+            "coordinator": self.params,
+            "code_version": cgnn_dgl.__version__,
+            "format_version": FORMAT_VERSION,
+        }
+        self.manifest["next_index"] = index + 1
+        self.shards.append(shard)
+        self.shards.sort(key=lambda s: s["key_first"])
+        self._ranges = sorted((s["key_first"], s["key_last"]) for s in self.shards)
+        self._save_manifest()
+        return shard
+
+    def _save_manifest(self) -> None:
+        atomic_write_json(self.root / MANIFEST, self.manifest)
+
+    def close(self, summary: dict | None = None) -> dict:
+        """Mark the cache complete and write the consolidated rejects file."""
+        self.manifest["complete"] = True
+        self.manifest["totals"] = {
+            "graphs": sum(s["n_graphs"] for s in self.shards),
+            "rejects": sum(s["n_rejects"] for s in self.shards),
+            "atoms": sum(s["n_atoms"] for s in self.shards),
+            "bonds": sum(s["n_bonds"] for s in self.shards),
+        }
+        if summary:
+            self.manifest["summary"] = summary
+        write_rejects_csv(self.root, self.shards)
+        self._save_manifest()
+        return self.manifest["totals"]
+
+
+def iter_rejects(root: Path, shards: Iterable[dict]) -> Iterator[list]:
+    for s in shards:
+        with open(Path(root) / s["meta"]) as fh:
+            yield from json.load(fh)["rejects"]
+
+
+def write_rejects_csv(root: Path, shards: Sequence[dict]) -> Path:
+    path = Path(root) / "rejects.csv"
+    rows = sorted(iter_rejects(root, shards), key=lambda r: r[0])
+    fd, tmp = tempfile.mkstemp(prefix=".rejects.", suffix=".tmp", dir=root)
+    with os.fdopen(fd, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["key", "name", "reason", "message"])
+        w.writerows(rows)
+    os.replace(tmp, path)
+    return path
+
+
+class ShardStream:
+    """Groups results (in key order) into shards of ``shard_size`` that never straddle finished shards."""
+
+    def __init__(self, writer: CacheWriter):
+        self.writer = writer
+        self.built: list[Built] = []
+        self.rejects: list[Reject] = []
+        self.first: int | None = None
+        self.last: int | None = None
+        self.counts = {"graphs": 0, "rejects": 0, "shards": 0}
+        self.reasons: dict[str, int] = {}
+
+    def add(self, item: Built | Reject) -> None:
+        if self.last is not None:
+            if item.key <= self.last:
+                raise ValueError(f"keys must increase: {item.key} after {self.last}")
+            if self.writer.blocked_between(self.last, item.key):
+                self.flush()
+        if self.first is None:
+            self.first = item.key
+        self.last = item.key
+        if isinstance(item, Reject):
+            self.rejects.append(item)
+            self.counts["rejects"] += 1
+            self.reasons[item.reason] = self.reasons.get(item.reason, 0) + 1
+        else:
+            self.built.append(item)
+            self.counts["graphs"] += 1
+        if len(self.built) + len(self.rejects) >= self.writer.shard_size:
+            self.flush()
+
+    def flush(self, key_last: int | None = None) -> None:
+        """Write the pending shard; ``key_last`` may extend its range (e.g. to the end of a DB page)."""
+        if self.first is None:
+            return
+        self.writer.write_shard(self.built, self.rejects, (self.first, max(self.last, key_last or self.last)))
+        self.counts["shards"] += 1
+        self.built, self.rejects, self.first, self.last = [], [], None, None
+
+
+# --------------------------------------------------------------------------------------------------
+# reading, merging, CLI
+
+
+def open_manifest(root) -> dict:
+    root = Path(root)
+    manifest = read_manifest(root)
+    if manifest is None:
+        raise CgnnError(f"{root}: no cache here (missing {MANIFEST}); build one with `cgnn graphs` or `cgnn ingest`")
+    return manifest
+
+
+def verify_cache(root, *, params=None) -> list[tuple[dict, str]]:
+    """Every unusable shard with its reason (checksums, and parameters when ``params`` is given)."""
+    manifest = open_manifest(root)
+    expected = None
+    if params is not None:
+        expected = {"coordinator": params.as_dict() if hasattr(params, "as_dict") else dict(params)}
+    bad = []
+    for shard in manifest["shards"]:
+        reason = check_shard(Path(root), shard, expected)
+        if reason:
+            bad.append((shard, reason))
+    return bad
+
+
+def load_packed(root, *, verify: bool = True, progress: bool = False):
+    """All graphs of a cache as compact in-memory arrays (see :class:`cgnn_dgl.batching.PackedGraphs`)."""
+    from cgnn_dgl.batching import PackedGraphs
+
+    return PackedGraphs.from_cache(root, verify=verify, progress=progress)
+
+
+def merge_caches(inputs: Sequence, out) -> dict:
+    """Join caches built with the same parameters (e.g. ``cgnn ingest --shard i/N`` on many machines)."""
+    out = Path(out)
+    manifests = [(Path(p), open_manifest(p)) for p in inputs]
+    coords = {json.dumps(m["coordinator"], sort_keys=True) for _, m in manifests}
+    if len(coords) > 1:
+        raise CacheMismatch("caches were built with different coordinator parameters; cannot merge")
+    for p, m in manifests:
+        if not m.get("complete"):
+            raise CgnnError(f"{p}: cache is incomplete; finish its build (run the same command again) before merging")
+        bad = verify_cache(p)
+        if bad:
+            raise CgnnError(f"{p}: shard {bad[0][0]['file']} is unusable ({bad[0][1]})")
+    if out.exists() and any(out.iterdir()):
+        raise CgnnError(f"{out} exists and is not empty; choose a new folder")
+    (out / "shards").mkdir(parents=True, exist_ok=True)
+    shards = []
+    for p, m in manifests:
+        for s in m["shards"]:
+            shards.append((p, s))
+    shards.sort(key=lambda ps: (ps[1]["key_first"], str(ps[0])))
+    seen_keys: set[int] = set()
+    merged = []
+    for index, (p, s) in enumerate(shards):
+        keys = read_shard_arrays(p / s["file"])["entry_id"].tolist()
+        dup = seen_keys.intersection(keys)
+        if dup:
+            raise CgnnError(f"key {min(dup)} appears in more than one input cache; were shards overlapping?")
+        seen_keys.update(keys)
+        new = dict(s, index=index, file=f"shards/{_shard_name(index)}.bin", meta=f"shards/{_shard_name(index)}.json")
+        shutil.copyfile(p / s["file"], out / new["file"])
+        shutil.copyfile(p / s["meta"], out / new["meta"])
+        merged.append(new)
+    first = manifests[0][1]
+    manifest = dict(first, source={"merged_from": [dict(m["source"]) for _, m in manifests]}, shards=merged,
+                    next_index=len(merged), complete=True)
+    manifest["totals"] = {k: sum(s[f"n_{k}"] for s in merged) for k in ("graphs", "rejects", "atoms", "bonds")}
+    write_rejects_csv(out, merged)
+    atomic_write_json(out / MANIFEST, manifest)
+    return manifest["totals"]
+
+
+def _cmd_cache(args) -> int:
+    from cgnn_dgl.report import print_table
+
+    if args.cache_command == "merge":
+        totals = merge_caches(args.inputs, args.out)
+        print_table("merged cache", [(k, v) for k, v in totals.items()])
+        return 0
+    manifest = open_manifest(args.cache)
+    if args.cache_command == "verify":
+        bad = verify_cache(args.cache)
+        for shard, reason in bad:
+            print(f"{shard['file']} (keys {shard['key_first']}..{shard['key_last']}): {reason}")
+        print(f"{len(manifest['shards']) - len(bad)} of {len(manifest['shards'])} shards good")
+        return 1 if bad else 0
+    rows = [
+        ("source", json.dumps(manifest["source"])),
+        ("coordinator", json.dumps(manifest["coordinator"])),
+        ("complete", manifest.get("complete")),
+        ("shards", len(manifest["shards"])),
+        ("graphs", sum(s["n_graphs"] for s in manifest["shards"])),
+        ("rejects", sum(s["n_rejects"] for s in manifest["shards"])),
+        ("atoms", sum(s["n_atoms"] for s in manifest["shards"])),
+        ("bonds", sum(s["n_bonds"] for s in manifest["shards"])),
+    ]
+    print_table(f"cache {args.cache}", rows)
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("cache", help="inspect, verify or merge graph caches")
+    csub = p.add_subparsers(dest="cache_command", metavar="ACTION", required=True)
+    info = csub.add_parser("info", help="summary of a cache")
+    info.add_argument("cache")
+    ver = csub.add_parser("verify", help="check every shard's checksum")
+    ver.add_argument("cache")
+    merge = csub.add_parser("merge", help="join caches built with --shard i/N into one")
+    merge.add_argument("inputs", nargs="+")
+    merge.add_argument("--out", required=True)
+    p.set_defaults(func=_cmd_cache)

@@ -1,0 +1,189 @@
+"""Structures -> graphs in parallel, and the `cgnn graphs` command that caches them.
+
+Work is sent to worker processes in chunks (one pickle round trip per chunk, not per crystal), results
+come back in input order, and any failure of one structure becomes a :class:`Reject` with a reason,
+never an aborted run.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from cgnn_dgl.cache import Built, CacheWriter, Reject, ShardStream
+from cgnn_dgl.structures import Crystal, StructureError, read_structure_file
+
+
+@dataclass
+class BuildItem:
+    key: int
+    source: Crystal | Path | StructureError
+    targets: np.ndarray | None = None  # (4,) float64, NaN = missing
+    flags: dict = field(default_factory=dict)
+
+
+def _name_of(item: BuildItem) -> str:
+    src = item.source
+    if isinstance(src, Crystal):
+        return src.name
+    if isinstance(src, Path):
+        return str(src)
+    return str(item.key)
+
+
+def build_one(item: BuildItem, params) -> Built | Reject:
+    from cgnn_dgl.coordinator import coordinate_csr
+    from cgnn_dgl.graph import target_arrays
+
+    try:
+        src = item.source
+        if isinstance(src, StructureError):
+            raise src
+        crystal = read_structure_file(src) if isinstance(src, Path) else src
+        crystal.validate()
+        y, mask = target_arrays(item.targets)
+        counts, nbr = coordinate_csr(crystal, params)
+        return Built(item.key, crystal.name or _name_of(item), crystal.numbers.astype(np.int64),
+                     np.asarray(counts, np.int64), np.asarray(nbr, np.int64), y, mask, item.flags)
+    except StructureError as exc:
+        return Reject(item.key, _name_of(item), exc.reason, str(exc))
+    except Exception as exc:  # one bad structure never aborts a run
+        return Reject(item.key, _name_of(item), "error", f"{type(exc).__name__}: {exc}")
+
+
+def _build_chunk(args) -> list[Built | Reject]:
+    items, params = args
+    return [build_one(item, params) for item in items]
+
+
+def _chunks(items: Iterable[BuildItem], size: int) -> Iterator[list[BuildItem]]:
+    it = iter(items)
+    while chunk := list(islice(it, size)):
+        yield chunk
+
+
+def _init_worker() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def build_many(items: Iterable[BuildItem], workers: int = 1, params=None, chunksize: int = 64) -> Iterator[Built | Reject]:
+    """Coordinate and graph every item, in input order, with ``workers`` processes."""
+    from cgnn_dgl.coordinator import DEFAULT_PARAMS
+
+    params = params or DEFAULT_PARAMS
+    chunks = ((chunk, params) for chunk in _chunks(items, chunksize))
+    if workers <= 1:
+        for job in chunks:
+            yield from _build_chunk(job)
+        return
+    ctx = mp.get_context("fork" if hasattr(os, "fork") else "spawn")
+    with ctx.Pool(workers, initializer=_init_worker) as pool:
+        for result in pool.imap(_build_chunk, chunks, chunksize=1):
+            yield from result
+
+
+def build_cache(items: Iterable[BuildItem], writer: CacheWriter, *, workers: int = 1, params=None,
+                total: int | None = None, desc: str = "graphs") -> dict:
+    """Build the items that no finished shard covers and stream them into the cache."""
+    from cgnn_dgl.report import progress
+
+    stream = ShardStream(writer)
+    todo = (item for item in items if not writer.covered(item.key))
+    t0 = time.perf_counter()
+    bar = progress(total=total, desc=desc, unit="struct")
+    done_before = sum(s["n_graphs"] + s["n_rejects"] for s in writer.shards)
+    bar.update(done_before)
+    for result in build_many(todo, workers=workers, params=params):
+        stream.add(result)
+        bar.update(1)
+        if stream.counts["rejects"]:
+            bar.set_postfix(rejects=stream.counts["rejects"], refresh=False)
+    stream.flush()
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    summary = {
+        "built_now": stream.counts["graphs"],
+        "rejected_now": stream.counts["rejects"],
+        "rejects_by_reason": dict(Counter(stream.reasons)),
+        "seconds": round(elapsed, 3),
+        "workers": workers,
+    }
+    totals = writer.close(summary)
+    return {**summary, **{f"total_{k}": v for k, v in totals.items()}}
+
+
+# --------------------------------------------------------------------------------------------------
+# `cgnn graphs`
+
+
+def _items_from_inputs(inputs) -> list[BuildItem]:
+    from cgnn_dgl.structures import iter_inputs
+
+    return [BuildItem(key, src) for key, src in enumerate(iter_inputs(inputs))]
+
+
+def _cmd_graphs(args) -> int:
+    from cgnn_dgl.cache import read_manifest
+    from cgnn_dgl.coordinator import CoordinatorParams
+    from cgnn_dgl.errors import UsageError
+    from cgnn_dgl.report import print_table
+
+    try:
+        items = _items_from_inputs(args.inputs)
+    except (FileNotFoundError, StructureError) as exc:
+        raise UsageError(str(exc)) from None
+    if not items:
+        raise UsageError("no structure files found in the inputs (CIF, POSCAR/CONTCAR, *.vasp or a JSON list)")
+    params = CoordinatorParams(radius_factor=args.radius_factor, cc_cutoff=args.cc_cutoff, max_rounds=args.max_rounds)
+    source = {"kind": "files", "inputs": [str(Path(p).resolve()) for p in args.inputs], "count": len(items)}
+    if read_manifest(Path(args.out)) is not None and not args.overwrite:
+        print(f"resuming the cache in {args.out}")
+    writer = CacheWriter(args.out, source=source, params=params, shard_size=args.shard_size, overwrite=args.overwrite)
+    for shard, reason in writer.invalid:
+        print(f"rebuilding {shard['file']} (keys {shard['key_first']}..{shard['key_last']}): {reason}")
+    summary = build_cache(items, writer, workers=args.workers, params=params, total=len(items))
+    rows = [
+        ("inputs", len(items)),
+        ("graphs in cache", summary["total_graphs"]),
+        ("rejected", summary["total_rejects"]),
+        ("built in this run", summary["built_now"]),
+        ("seconds", summary["seconds"]),
+        ("structures/s", summary["built_now"] / summary["seconds"] if summary["seconds"] else float("nan")),
+    ]
+    rows += [(f"  rejected: {reason}", n) for reason, n in sorted(summary["rejects_by_reason"].items())]
+    print_table(f"graph cache {args.out}", rows)
+    if summary["total_rejects"]:
+        print(f"rejects listed in {Path(args.out) / 'rejects.csv'}")
+    return 0
+
+
+def add_coordinator_args(p) -> None:
+    from cgnn_dgl.coordinator import DEFAULT_PARAMS
+
+    g = p.add_argument_group("coordinator (defaults are the reference CGNN's)")
+    g.add_argument("--radius-factor", type=float, default=DEFAULT_PARAMS.radius_factor)
+    g.add_argument("--cc-cutoff", type=float, default=DEFAULT_PARAMS.cc_cutoff)
+    g.add_argument("--max-rounds", type=int, default=DEFAULT_PARAMS.max_rounds)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("graphs", help="build a graph cache from CIF/POSCAR files, folders or JSON lists",
+                       description="Build a CGNN graph cache. INPUT may be CIF or POSCAR files, folders of them, "
+                                   "or JSON lists of {name, lattice, numbers, frac}. Bad inputs are skipped and "
+                                   "listed in CACHE/rejects.csv; an interrupted build resumes when rerun.")
+    p.add_argument("inputs", nargs="+", metavar="INPUT")
+    p.add_argument("--out", required=True, metavar="CACHE")
+    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)), help="worker processes")
+    p.add_argument("--shard-size", type=int, default=8192, help="crystals per shard file")
+    p.add_argument("--overwrite", action="store_true", help="discard an existing cache at --out")
+    add_coordinator_args(p)
+    p.set_defaults(func=_cmd_graphs)

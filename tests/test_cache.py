@@ -1,0 +1,151 @@
+"""Graph cache: packing, atomic shards, resume, corrupt/stale shard rebuild, merge, batching."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import dgl
+from cgnn_dgl.batching import PackedGraphs, iter_batches
+from cgnn_dgl.cache import Built, CacheMismatch, CacheWriter, Reject, ShardStream, load_packed, merge_caches
+from cgnn_dgl.errors import CgnnError
+from cgnn_dgl.graph import BOND, graph_from_neighbors
+
+PARAMS = {"radius_factor": 1.2, "cc_cutoff": 0.03, "max_rounds": 10}
+SOURCE = {"kind": "test"}
+
+
+def _built(key: int, row: dict) -> Built:
+    counts = np.array([len(n) for n in row["neighbors"]], dtype=np.int64)
+    nbr = np.array([i for n in row["neighbors"] for i in n], dtype=np.int64)
+    y = np.array([key * 0.01, 10.0 + key, np.nan, 0.5])
+    return Built(key, row["name"], np.array(row["numbers"]), counts, nbr, np.nan_to_num(y), np.isfinite(y))
+
+
+@pytest.fixture(scope="module")
+def records(dev_corpus):
+    """150 real reference graphs plus every 7th key rejected, keys with holes (like entry ids)."""
+    out = []
+    rows = [r for r in dev_corpus if r["error"] is None][:150]
+    for k, row in enumerate(rows):
+        key = 3 * k + 1
+        out.append(Reject(key, row["name"], "test_reason", "rejected on purpose") if k % 7 == 3 else _built(key, row))
+    return out
+
+
+def _write(root, records, shard_size=32, stop_after=None, params=PARAMS, overwrite=False):
+    writer = CacheWriter(root, source=SOURCE, params=params, shard_size=shard_size, overwrite=overwrite)
+    stream = ShardStream(writer)
+    for n, rec in enumerate(r for r in records if not writer.covered(r.key)):
+        if stop_after is not None and stream.counts["shards"] >= stop_after:
+            return writer  # "killed": no flush, no close
+        stream.add(rec)
+    stream.flush()
+    writer.close()
+    return writer
+
+
+def _shard_digests(root):
+    m = json.loads((root / "manifest.json").read_text())
+    return [(s["key_first"], s["key_last"], s["content_sha256"], s["meta_sha256"]) for s in m["shards"]]
+
+
+def test_roundtrip_matches_single_graphs(tmp_path, records, dev_corpus):
+    _write(tmp_path / "c", records)
+    packed = load_packed(tmp_path / "c")
+    built = [r for r in records if isinstance(r, Built)]
+    assert len(packed) == len(built)
+    assert packed.entry_id.tolist() == [b.key for b in built]
+    idx = np.array([5, 0, 17, 3, 40])
+    g = packed.batch(idx)
+    ref = dgl.batch([graph_from_neighbors(built[i].numbers,
+                                          np.split(built[i].nbr, np.cumsum(built[i].counts)[:-1]),
+                                          built[i].y, entry_id=built[i].key) for i in idx])
+    for a, b in zip(g.edges(etype=BOND, order="eid"), ref.edges(etype=BOND, order="eid")):
+        assert torch.equal(a, b)
+    assert torch.equal(g.nodes["atom"].data["Z"], ref.nodes["atom"].data["Z"])
+    assert torch.equal(g.batch_num_nodes("atom"), ref.batch_num_nodes("atom"))
+    assert torch.equal(g.nodes["crystal"].data["entry_id"], torch.tensor([built[i].key for i in idx]))
+    np.testing.assert_array_equal(g.nodes["crystal"].data["y_mask"].numpy(), np.stack([built[i].y_mask for i in idx]))
+    rejects = (tmp_path / "c" / "rejects.csv").read_text().splitlines()
+    assert len(rejects) == 1 + sum(isinstance(r, Reject) for r in records)
+
+
+def test_interrupted_build_resumes_identically(tmp_path, records):
+    _write(tmp_path / "clean", records)
+    for stop in (1, 3):
+        _write(tmp_path / "resumed", records, stop_after=stop)
+    # an orphan temporary file from a kill during a shard write must not survive
+    (tmp_path / "resumed" / "shards" / ".shard-000099.xyz.tmp").write_bytes(b"partial")
+    with pytest.raises(CgnnError, match="did not finish"):
+        load_packed(tmp_path / "resumed")
+    _write(tmp_path / "resumed", records)
+    assert _shard_digests(tmp_path / "resumed") == _shard_digests(tmp_path / "clean")
+    assert not list((tmp_path / "resumed" / "shards").glob(".*"))
+    a, b = load_packed(tmp_path / "clean"), load_packed(tmp_path / "resumed")
+    assert a.entry_id.tolist() == b.entry_id.tolist()
+    assert np.array_equal(a.bond_src, b.bond_src) and np.array_equal(a.numbers, b.numbers)
+
+
+def test_corrupt_shard_is_named_and_rebuilt_alone(tmp_path, records, caplog):
+    root = tmp_path / "c"
+    _write(root, records)
+    manifest = json.loads((root / "manifest.json").read_text())
+    victim = manifest["shards"][2]
+    data = bytearray((root / victim["file"]).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (root / victim["file"]).write_bytes(bytes(data))
+    with pytest.raises(CgnnError, match=victim["file"]):
+        load_packed(root)
+    untouched = {s["file"]: (root / s["file"]).stat().st_mtime_ns for s in manifest["shards"] if s is not victim}
+    writer = CacheWriter(root, source=SOURCE, params=PARAMS)
+    assert [s["file"] for s, _ in writer.invalid] == [victim["file"]]
+    assert "checksum" in writer.invalid[0][1]
+    assert writer.gaps == [(victim["key_first"], victim["key_last"])]
+    _write(root, records)
+    for f, mtime in untouched.items():
+        assert (root / f).stat().st_mtime_ns == mtime
+    _write(tmp_path / "clean", records)
+    assert [d[2] for d in _shard_digests(root)] == [d[2] for d in _shard_digests(tmp_path / "clean")]
+
+
+def test_stale_parameters_rebuild_everything(tmp_path, records):
+    root = tmp_path / "c"
+    _write(root, records)
+    writer = CacheWriter(root, source=SOURCE, params=dict(PARAMS, radius_factor=1.3))
+    assert writer.invalid and all("stale" in reason for _, reason in writer.invalid)
+    assert writer.resume_key is None
+
+
+def test_other_source_is_refused(tmp_path, records):
+    _write(tmp_path / "c", records)
+    with pytest.raises(CacheMismatch):
+        CacheWriter(tmp_path / "c", source={"kind": "other"}, params=PARAMS)
+
+
+def test_merge(tmp_path, records):
+    even = [r for r in records if r.key % 2 == 0]
+    odd = [r for r in records if r.key % 2 == 1]
+    _write(tmp_path / "a", even, shard_size=20)
+    _write(tmp_path / "b", odd, shard_size=20)
+    totals = merge_caches([tmp_path / "a", tmp_path / "b"], tmp_path / "m")
+    merged = load_packed(tmp_path / "m")
+    assert sorted(merged.entry_id.tolist()) == sorted(r.key for r in records if isinstance(r, Built))
+    assert totals["rejects"] == sum(isinstance(r, Reject) for r in records)
+    with pytest.raises(CgnnError, match="more than one"):
+        merge_caches([tmp_path / "a", tmp_path / "a"], tmp_path / "m2")
+
+
+def test_iter_batches_cover_everything_once(records):
+    packed = PackedGraphs.from_built([r for r in records if isinstance(r, Built)])
+    seen = []
+    for idx, g in iter_batches(packed, np.arange(len(packed)), 16, shuffle=True, rng=np.random.default_rng(0)):
+        assert g.num_nodes("crystal") == len(idx)
+        assert g.num_nodes("atom") == int(packed.n_atoms[idx].sum())
+        seen.extend(idx.tolist())
+    assert sorted(seen) == list(range(len(packed)))
+    sub = packed.subset([4, 2])
+    assert sub.names == [packed.names[4], packed.names[2]]
+    assert np.array_equal(sub.batch([0]).nodes["atom"].data["Z"].numpy(), packed.batch([4]).nodes["atom"].data["Z"].numpy())
