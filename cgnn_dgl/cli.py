@@ -15,6 +15,7 @@ from cgnn_dgl.errors import CgnnError, UsageError
 
 # (module, attribute) pairs providing register(subparsers); imported lazily so `cgnn --help` is fast.
 COMMAND_MODULES = (
+    "cgnn_dgl.examples",   # cgnn examples
     "cgnn_dgl.pipeline",   # cgnn graphs
     "cgnn_dgl.cache",      # cgnn cache info|verify|merge
     "ingest.cli",          # cgnn ingest, cgnn db init|synth
