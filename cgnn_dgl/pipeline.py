@@ -38,8 +38,8 @@ def _name_of(item: BuildItem) -> str:
     return str(item.key)
 
 
-def build_one(item: BuildItem, params) -> Built | Reject:
-    from cgnn_dgl.coordinator import coordinate_csr
+def _prepare(item: BuildItem) -> tuple[Crystal, np.ndarray, np.ndarray] | Reject:
+    """Parse and validate one input; failures become a :class:`Reject` with a reason."""
     from cgnn_dgl.graph import target_arrays
 
     try:
@@ -49,18 +49,36 @@ def build_one(item: BuildItem, params) -> Built | Reject:
         crystal = read_structure_file(src) if isinstance(src, Path) else src
         crystal.validate()
         y, mask = target_arrays(item.targets)
-        counts, nbr = coordinate_csr(crystal, params)
-        return Built(item.key, crystal.name or _name_of(item), crystal.numbers.astype(np.int64),
-                     np.asarray(counts, np.int64), np.asarray(nbr, np.int64), y, mask, item.flags)
+        return crystal, y, mask
     except StructureError as exc:
         return Reject(item.key, _name_of(item), exc.reason, str(exc))
     except Exception as exc:  # one bad structure never aborts a run
         return Reject(item.key, _name_of(item), "error", f"{type(exc).__name__}: {exc}")
 
 
+def build_chunk(items: list[BuildItem], params) -> list[Built | Reject]:
+    """Graphs for a chunk of items; the coordinator runs once, vectorised over the whole chunk."""
+    from cgnn_dgl.coordinator import coordinate_many
+
+    prepared = [_prepare(item) for item in items]
+    ok = [k for k, p in enumerate(prepared) if not isinstance(p, Reject)]
+    coords = coordinate_many([prepared[k][0] for k in ok], params, errors="return") if ok else []
+    out: list[Built | Reject] = list(prepared)  # type: ignore[arg-type]
+    for k, res in zip(ok, coords):
+        item, (crystal, y, mask) = items[k], prepared[k]
+        if isinstance(res, StructureError):
+            out[k] = Reject(item.key, crystal.name or _name_of(item), res.reason, str(res))
+        elif isinstance(res, Exception):
+            out[k] = Reject(item.key, crystal.name or _name_of(item), "error", f"{type(res).__name__}: {res}")
+        else:
+            counts, nbr = res
+            out[k] = Built(item.key, crystal.name or _name_of(item), crystal.numbers.astype(np.int64),
+                           np.asarray(counts, np.int64), np.asarray(nbr, np.int64), y, mask, item.flags)
+    return out
+
+
 def _build_chunk(args) -> list[Built | Reject]:
-    items, params = args
-    return [build_one(item, params) for item in items]
+    return build_chunk(*args)
 
 
 def _chunks(items: Iterable[BuildItem], size: int) -> Iterator[list[BuildItem]]:
