@@ -26,6 +26,9 @@ class StructureError(ValueError):
         super().__init__(message)
         self.reason = reason
 
+    def __reduce__(self):  # travel between worker processes intact
+        return (type(self), (self.reason, str(self)))
+
 
 @dataclass
 class Crystal:
