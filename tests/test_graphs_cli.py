@@ -105,21 +105,31 @@ def _digests(root):
     return [(s["key_first"], s["key_last"], s["content_sha256"], s["meta_sha256"]) for s in m["shards"]]
 
 
+def _n_shards(root) -> int:
+    try:
+        return len(json.loads((Path(root) / "manifest.json").read_text())["shards"])
+    except (OSError, ValueError):
+        return 0
+
+
 def test_kill_and_resume_gives_the_clean_cache(tmp_path, dev_corpus):
     js = tmp_path / "dev.json"
-    js.write_text(json.dumps(dev_corpus[:1500]))
+    js.write_text(json.dumps(dev_corpus * 2))
     clean = _run_graphs(js, tmp_path / "clean")
     assert clean.wait(timeout=300) == 0, clean.stderr.read()
     killed = 0
-    for delay in (2.5, 4.0, 5.5):
+    rng = np.random.default_rng()
+    for target in sorted(rng.choice(np.arange(3, 40), size=3, replace=False)):
         proc = _run_graphs(js, tmp_path / "resumed")
-        time.sleep(delay)
+        while proc.poll() is None and _n_shards(tmp_path / "resumed") < target:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0, 0.05))  # land anywhere, also in the middle of a shard write
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
             killed += 1
         proc.wait()
+    assert killed >= 3
     final = _run_graphs(js, tmp_path / "resumed")
     assert final.wait(timeout=300) == 0, final.stderr.read()
-    assert killed >= 1
     assert _digests(tmp_path / "resumed") == _digests(tmp_path / "clean")
     assert (tmp_path / "resumed" / "rejects.csv").read_text() == (tmp_path / "clean" / "rejects.csv").read_text()
