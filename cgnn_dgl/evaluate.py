@@ -1,0 +1,287 @@
+"""`cgnn evaluate`: predictions, metrics and plots for one split of a trained run.
+
+Writes into ``--out`` (default: the run folder)::
+
+    {split}_predictions.csv   name, entry_id, then <target>_pred / <target>_true per target (true empty if unlabelled)
+    metrics.json              per target: n, MAE, RMSE; classification (metal/insulator from band_gap,
+                              non-magnetic/magnetic from magnetization): n, positives, accuracy, precision,
+                              recall, ROC AUC, thresholds
+    parity_<target>.png       predicted vs DFT
+    training_curves.png       loss and validation MAE per epoch (from history.csv)
+
+Classification labels: insulator = DFT band gap > ``train.gap_threshold``; magnetic = DFT magnetization
+> ``train.mag_threshold`` (see :mod:`cgnn_dgl.train_config` for the defaults and why). The ROC score is
+the regression prediction (or the classification head's probability when the model has one); the hard
+decision for accuracy/precision/recall is prediction > ``*_decision_threshold`` (probability > 0.5 for a
+classification head).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from cgnn_dgl.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+UNITS = {"formation_energy": "eV/atom", "volume_per_atom": "Å³/atom", "band_gap": "eV", "magnetization": "μB/atom"}
+
+
+# --------------------------------------------------------------------------------------------------
+# metrics
+
+
+def regression_metrics(pred, true) -> dict:
+    pred, true = np.asarray(pred, float), np.asarray(true, float)
+    n = int(len(true))
+    if n == 0:
+        return {"n": 0, "mae": None, "rmse": None}
+    err = pred - true
+    return {"n": n, "mae": float(np.mean(np.abs(err))), "rmse": float(np.sqrt(np.mean(err ** 2)))}
+
+
+def roc_auc(labels, scores) -> float:
+    """Area under the ROC curve = P(score of a random positive > score of a random negative) + ½ P(tie).
+
+    Computed from average ranks (Mann-Whitney U), so tied scores count one half. NaN when only one class
+    is present.
+    """
+    labels = np.asarray(labels).astype(bool).reshape(-1)
+    scores = np.asarray(scores, dtype=float).reshape(-1)
+    if labels.shape != scores.shape:
+        raise ValueError("labels and scores differ in length")
+    n_pos = int(labels.sum())
+    n_neg = int(len(labels) - n_pos)
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    sorted_scores = scores[order]
+    ranks = np.empty(len(scores), dtype=float)
+    # average 1-based rank for every run of tied scores
+    boundaries = np.flatnonzero(np.diff(sorted_scores)) + 1
+    starts = np.concatenate([[0], boundaries])
+    ends = np.concatenate([boundaries, [len(scores)]])
+    avg = (starts + ends + 1) / 2.0  # mean of (start+1 .. end)
+    ranks[order] = np.repeat(avg, ends - starts)
+    u = ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * n_neg))
+
+
+def binary_metrics(labels, predicted, scores) -> dict:
+    labels = np.asarray(labels).astype(bool)
+    predicted = np.asarray(predicted).astype(bool)
+    tp = int((labels & predicted).sum())
+    fp = int((~labels & predicted).sum())
+    fn = int((labels & ~predicted).sum())
+    tn = int((~labels & ~predicted).sum())
+    n = len(labels)
+    auc = roc_auc(labels, scores) if n else float("nan")
+    return {
+        "n": n,
+        "positives": int(labels.sum()),
+        "accuracy": (tp + tn) / n if n else None,
+        "precision": tp / (tp + fp) if tp + fp else None,
+        "recall": tp / (tp + fn) if tp + fn else None,
+        "roc_auc": None if auc != auc else auc,
+        "tp": tp, "fp": fp, "fn": fn, "tn": tn,
+    }
+
+
+def compute_metrics(targets, pred, true, mask, train_cfg, prob=None) -> dict:
+    """Regression metrics per target and the two classification tasks that the heads allow."""
+    out: dict = {"regression": {}, "classification": {}}
+    targets = list(targets)
+    for k, name in enumerate(targets):
+        m = mask[:, k]
+        out["regression"][name] = {**regression_metrics(pred[m, k], true[m, k]), "unit": UNITS.get(name, "")}
+    tasks = (("metal_insulator", "band_gap", train_cfg.gap_threshold, train_cfg.gap_decision_threshold, 0),
+             ("magnetic", "magnetization", train_cfg.mag_threshold, train_cfg.mag_decision_threshold, 1))
+    for task, name, thr, decision, head in tasks:
+        if name not in targets:
+            continue
+        k = targets.index(name)
+        m = mask[:, k]
+        labels = true[m, k] > thr
+        if prob is not None:
+            scores = prob[m, head]
+            predicted = scores > 0.5
+            score_from = "classification head"
+        else:
+            scores = pred[m, k]
+            predicted = scores > decision
+            score_from = f"{name} regression"
+        out["classification"][task] = {**binary_metrics(labels, predicted, scores), "label_threshold": thr,
+                                       "decision_threshold": 0.5 if prob is not None else decision,
+                                       "score": score_from}
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# plots
+
+
+def parity_plot(path: Path, name: str, pred, true, metrics: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=110)
+    if len(true):
+        lo = float(min(np.min(true), np.min(pred)))
+        hi = float(max(np.max(true), np.max(pred)))
+        ax.plot([lo, hi], [lo, hi], color="0.5", lw=1)
+        ax.scatter(true, pred, s=4, alpha=0.5, lw=0)
+    unit = UNITS.get(name, "")
+    ax.set_xlabel(f"DFT {name} ({unit})")
+    ax.set_ylabel(f"predicted ({unit})")
+    if metrics.get("mae") is not None:
+        ax.set_title(f"{name}: MAE {metrics['mae']:.4g}, RMSE {metrics['rmse']:.4g} (n={metrics['n']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def curves_plot(path: Path, history_csv: Path) -> bool:
+    if not history_csv.is_file():
+        return False
+    with open(history_csv) as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def col(key):
+        return np.array([float(r[key]) if r.get(key) not in (None, "", "nan") else np.nan for r in rows])
+
+    ep = col("epoch")
+    maes = [k for k in rows[0] if k.startswith("val_mae_")]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
+    axes[0].plot(ep, col("train_loss"), label="train")
+    axes[0].plot(ep, col("val_loss"), label="val")
+    axes[0].set_yscale("log")
+    axes[0].set_xlabel("epoch")
+    axes[0].set_ylabel("loss (standardised MSE)")
+    axes[0].legend()
+    for k in maes:
+        name = k[len("val_mae_"):]
+        v = col(k)
+        if np.isfinite(v).any():
+            axes[1].plot(ep, v, label=f"{name} ({UNITS.get(name, '')})")
+    axes[1].set_yscale("log")
+    axes[1].set_xlabel("epoch")
+    axes[1].set_ylabel("validation MAE")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+# --------------------------------------------------------------------------------------------------
+# command
+
+
+def evaluate_run(run_dir, cache: str | None = None, split: str = "test", out: str | None = None,
+                 device: str = "cpu", batch_size: int | None = None, plots: bool = True) -> dict:
+    from cgnn_dgl.predict import load_model, predict_packed
+    from cgnn_dgl.split import load_split
+    from cgnn_dgl.train import BEST, CONFIG, HISTORY, SPLIT, load_cache, resolve_device, target_columns
+    from cgnn_dgl.train_config import load_run_config
+
+    run_dir = Path(run_dir)
+    if not (run_dir / BEST).is_file():
+        raise UsageError(f"{run_dir}: no {BEST} (not a finished training run folder?)")
+    if split not in ("train", "val", "test"):
+        raise UsageError(f"--split must be train, val or test (got {split!r})")
+    cfg = load_run_config(run_dir / CONFIG, check_files=False) if (run_dir / CONFIG).is_file() else None
+    from cgnn_dgl.train_config import TrainConfig
+
+    train_cfg = cfg.train if cfg is not None else TrainConfig()
+    dev = resolve_device(device)
+    model, mcfg = load_model(run_dir / BEST, device=dev)
+    packed = load_cache(cache or train_cfg.cache)
+    if not (run_dir / SPLIT).is_file():
+        raise UsageError(f"{run_dir}: no {SPLIT}")
+    parts = load_split(run_dir / SPLIT, packed.entry_id, packed.names)
+    idx = parts[split]
+    if len(idx) == 0:
+        raise UsageError(f"the {split} split of {run_dir} has no crystals in this cache")
+    pred, prob = predict_packed(model, packed, idx, batch_size or train_cfg.eval_batch_size or train_cfg.batch_size,
+                                dev, train_cfg.backend)
+    cols = target_columns(mcfg.targets)
+    true = packed.y[idx][:, cols]
+    mask = packed.y_mask[idx][:, cols]
+    metrics = compute_metrics(mcfg.targets, pred, true, mask, train_cfg, prob)
+    metrics.update(split=split, n=int(len(idx)), run=str(run_dir))
+
+    out_dir = Path(out) if out else run_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / f"{split}_predictions.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        header = ["name", "entry_id"]
+        for name in mcfg.targets:
+            header += [f"{name}_pred", f"{name}_true"]
+        if prob is not None:
+            header += ["p_insulator", "p_magnetic"]
+        w.writerow(header)
+        for r, i in enumerate(idx):
+            row = [packed.names[i], int(packed.entry_id[i])]
+            for k in range(len(mcfg.targets)):
+                row += [f"{pred[r, k]:.9g}", f"{true[r, k]:.9g}" if mask[r, k] else ""]
+            if prob is not None:
+                row += [f"{p:.6g}" for p in prob[r]]
+            w.writerow(row)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if plots:
+        for k, name in enumerate(mcfg.targets):
+            m = mask[:, k]
+            if m.any():
+                parity_plot(out_dir / f"parity_{name}.png", name, pred[m, k], true[m, k], metrics["regression"][name])
+        curves_plot(out_dir / "training_curves.png", run_dir / HISTORY)
+    return metrics
+
+
+def print_metrics(metrics: dict) -> None:
+    from cgnn_dgl.report import print_table
+
+    rows = [(name, m["n"], m["mae"] if m["mae"] is not None else float("nan"),
+             m["rmse"] if m["rmse"] is not None else float("nan"), m["unit"])
+            for name, m in metrics["regression"].items()]
+    print_table(f"{metrics['split']} split ({metrics['n']} crystals)", rows, header=["target", "n", "MAE", "RMSE", "unit"])
+    if metrics["classification"]:
+        def f(v):
+            return float("nan") if v is None else v
+
+        rows = [(task, m["n"], m["positives"], f(m["accuracy"]), f(m["precision"]), f(m["recall"]), f(m["roc_auc"]))
+                for task, m in metrics["classification"].items()]
+        print_table("classification", rows, header=["task", "n", "positives", "accuracy", "precision", "recall", "ROC AUC"])
+
+
+def _cmd_evaluate(args) -> int:
+    metrics = evaluate_run(args.run, cache=args.cache, split=args.split, out=args.out, device=args.device,
+                           batch_size=args.batch_size, plots=not args.no_plots)
+    print_metrics(metrics)
+    print(f"\nwrote {Path(args.out or args.run) / 'metrics.json'}")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("evaluate", help="metrics, predictions CSV and plots of a trained run",
+                       description="Evaluate RUN/best.pt on one split of the run's split.json: writes "
+                                   "<split>_predictions.csv, metrics.json, parity plots and training curves.")
+    p.add_argument("--run", required=True, metavar="RUNDIR")
+    p.add_argument("--cache", metavar="DIR", help="graph cache (default: the run's train.cache)")
+    p.add_argument("--split", default="test", choices=["test", "val", "train"])
+    p.add_argument("--out", metavar="DIR", help="output folder (default: RUNDIR)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--no-plots", action="store_true")
+    p.set_defaults(func=_cmd_evaluate)

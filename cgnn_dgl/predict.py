@@ -1,0 +1,227 @@
+"""`cgnn predict`: a trained model (or an official reference state_dict) on your own structures.
+
+Inputs: CIF / POSCAR / CONTCAR / *.vasp files, folders of them (recursively), JSON lists shaped like
+``coordinator_dev.json`` ({name, lattice, numbers, frac}), and with ``--db URL`` the entries of an OQMD-style
+database (through ``ingest.reader`` when the ingest package provides it). The model is loaded once
+(``torch.load(..., weights_only=True)``), graphs are built in parallel and predicted in batches. A bad
+input (unreadable file, unknown element, no graph) is listed with its reason on stderr and in
+``<out>.rejects.csv``; it never stops the run.
+
+Output CSV: ``name``, one column per target of the model in physical units (eV/atom, Å³/atom, eV,
+μB/atom), then ``p_insulator`` / ``p_magnetic`` when the model has classification heads.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cgnn_dgl import checkpoint as ckpt_mod
+from cgnn_dgl.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+
+def supported_mask(packed) -> np.ndarray:
+    """Per crystal: True when every atom is one of the model's 89 species."""
+    from cgnn_dgl.model.species import SPECIES_Z
+
+    ok_atom = np.isin(packed.numbers.astype(np.int64), np.asarray(SPECIES_Z))
+    bad_per_crystal = np.add.reduceat((~ok_atom).astype(np.int64), packed.node_ptr[:-1]) if len(ok_atom) else \
+        np.zeros(len(packed), np.int64)
+    # reduceat misreads empty crystals; atoms-free crystals are rejected upstream anyway
+    bad_per_crystal = np.where(packed.n_atoms > 0, bad_per_crystal, 1)
+    return bad_per_crystal == 0
+
+
+@torch.no_grad()
+def predict_packed(model, packed, indices=None, batch_size: int = 512, device: str | torch.device = "cpu",
+                   backend: str = "auto", progress: bool = False):
+    """Physical-unit predictions (n, n_targets) and classification probabilities (n, 2) or None."""
+    from cgnn_dgl.batching import iter_batches
+    from cgnn_dgl.graph_ops import GraphIndex
+    from cgnn_dgl.report import progress as bar
+    from cgnn_dgl.train import split_output
+
+    device = torch.device(device)
+    indices = np.arange(len(packed)) if indices is None else np.asarray(indices, dtype=np.int64)
+    model.eval()
+    preds, probs = [], []
+    pbar = bar(total=len(indices), desc="predict", unit="struct", disable=not progress or None)
+    for idx, g in iter_batches(packed, indices, batch_size, shuffle=False):
+        gi = GraphIndex.from_graph(g, device, backend=backend)
+        z = g.nodes["atom"].data["Z"].to(device)
+        reg, logits = split_output(model.forward_heads(z, gi))
+        reg = reg.reshape(len(idx), -1)
+        preds.append(model.to_physical(reg).double().cpu().numpy())
+        if logits is not None:
+            probs.append(torch.sigmoid(logits).double().cpu().numpy())
+        pbar.update(len(idx))
+    pbar.close()
+    n_t = len(model.config.targets) if hasattr(model, "config") else 1
+    pred = np.concatenate(preds) if preds else np.zeros((0, n_t))
+    prob = np.concatenate(probs) if probs else None
+    return pred, prob
+
+
+def _gather_items(inputs, db: str | None, db_limit: int | None):
+    """BuildItems for every input plus early rejects (missing paths, bad JSON rows)."""
+    from cgnn_dgl.cache import Reject
+    from cgnn_dgl.pipeline import BuildItem
+    from cgnn_dgl.structures import StructureError, crystals_from_json, expand_inputs
+
+    items, rejects = [], []
+    key = 0
+    for inp in inputs:
+        try:
+            paths = expand_inputs([inp])
+        except FileNotFoundError as exc:
+            rejects.append(Reject(key, str(inp), "not_found", str(exc)))
+            key += 1
+            continue
+        if Path(inp).is_dir() and not paths:
+            rejects.append(Reject(key, str(inp), "no_structures", f"{inp}: no CIF/POSCAR/JSON files inside"))
+            key += 1
+            continue
+        for path in paths:
+            if path.suffix.lower() == ".json":
+                try:
+                    for obj in crystals_from_json(path):
+                        items.append(BuildItem(key, obj))
+                        key += 1
+                except (StructureError, ValueError, OSError) as exc:
+                    rejects.append(Reject(key, str(path), "parse_error", f"{path}: {exc}"))
+                    key += 1
+            else:
+                items.append(BuildItem(key, path))
+                key += 1
+    if db:
+        try:
+            from ingest.db import make_engine, resolve_url
+            from ingest.reader import OqmdReader
+        except ImportError:
+            raise UsageError("--db needs the ingest package (ingest.reader), which is not installed") from None
+        engine = make_engine(resolve_url(db))
+        try:
+            for n, rec in enumerate(OqmdReader(engine)):
+                if db_limit and n >= db_limit:
+                    break
+                if rec.ok:
+                    if not rec.crystal.name:
+                        rec.crystal.name = rec.name
+                    items.append(BuildItem(key, rec.crystal))
+                else:
+                    rejects.append(Reject(key, rec.name, rec.reason, rec.message))
+                key += 1
+        finally:
+            engine.dispose()
+    return items, rejects
+
+
+def build_inputs(inputs, workers: int = 1, db: str | None = None, db_limit: int | None = None):
+    """(PackedGraphs of the good inputs, list of Reject) for prediction inputs."""
+    from cgnn_dgl.batching import PackedGraphs
+    from cgnn_dgl.cache import Built, Reject
+    from cgnn_dgl.pipeline import build_many
+
+    items, rejects = _gather_items(inputs, db, db_limit)
+    built = []
+    for res in build_many(items, workers=workers):
+        if isinstance(res, Built):
+            built.append(res)
+        else:
+            rejects.append(res)
+    packed = PackedGraphs.from_built(built)
+    if len(packed):
+        ok = supported_mask(packed)
+        if not ok.all():
+            from cgnn_dgl.model.species import SPECIES_Z
+
+            for i in np.flatnonzero(~ok):
+                z = packed.numbers[packed.node_ptr[i]:packed.node_ptr[i + 1]].astype(int)
+                bad = sorted(set(z.tolist()) - set(SPECIES_Z))
+                rejects.append(Reject(int(packed.entry_id[i]), packed.names[i], "unsupported_element",
+                                      f"element(s) Z={bad} outside the model's 89 species"))
+            packed = packed.subset(np.flatnonzero(ok))
+    rejects.sort(key=lambda r: r.key)
+    return packed, rejects
+
+
+def load_model(path: str | os.PathLike, arch: str | None = None, device: str | torch.device = "cpu"):
+    """(model in eval mode on ``device``, ModelConfig) from a cgnn-dgl checkpoint or a reference state_dict."""
+    obj = ckpt_mod.load(path)
+    model, config = ckpt_mod.model_from_checkpoint(obj, arch=arch, path=str(path))
+    model.to(torch.device(device)).eval()
+    return model, config
+
+
+def write_predictions(path: Path, names, pred: np.ndarray, targets, prob: np.ndarray | None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        header = ["name"] + list(targets) + (["p_insulator", "p_magnetic"] if prob is not None else [])
+        w.writerow(header)
+        for i, name in enumerate(names):
+            row = [name] + [f"{v:.9g}" for v in pred[i]]
+            if prob is not None:
+                row += [f"{v:.6g}" for v in prob[i]]
+            w.writerow(row)
+
+
+def write_rejects(path: Path, rejects) -> None:
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["name", "reason", "message"])
+        for r in rejects:
+            w.writerow([r.name, r.reason, r.message])
+
+
+def _cmd_predict(args) -> int:
+    from cgnn_dgl.train import resolve_device
+
+    if not args.inputs and not args.db:
+        raise UsageError("give structure files, folders or JSON lists (or --db URL)")
+    device = resolve_device(args.device)
+    model, config = load_model(args.model, args.arch, device)  # once, before any structure work
+    packed, rejects = build_inputs(args.inputs, workers=args.workers, db=args.db, db_limit=args.limit)
+    out = Path(args.out)
+    if len(packed):
+        pred, prob = predict_packed(model, packed, batch_size=args.batch_size, device=device, backend=args.backend,
+                                    progress=True)
+    else:
+        pred, prob = np.zeros((0, len(config.targets))), None
+    write_predictions(out, packed.names, pred, config.targets, prob)
+    if rejects:
+        rej_path = out.with_name(out.stem + ".rejects.csv")
+        write_rejects(rej_path, rejects)
+        print(f"{len(rejects)} input(s) rejected (listed in {rej_path}):", file=sys.stderr)
+        for r in rejects[:20]:
+            print(f"  {r.name}: {r.reason}: {r.message}", file=sys.stderr)
+        if len(rejects) > 20:
+            print(f"  ... and {len(rejects) - 20} more", file=sys.stderr)
+    print(f"predicted {len(packed)} structure(s) -> {out}" + (f"; {len(rejects)} rejected" if rejects else ""))
+    return 0 if len(packed) else 1
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "predict", help="predict properties of CIF/POSCAR files, folders, JSON lists or database entries",
+        description="Predict with a trained cgnn-dgl checkpoint (RUN/best.pt) or an official reference "
+                    "state_dict (give --arch). Bad inputs are listed with reasons and skipped.")
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help="CIF/POSCAR files, folders, JSON lists")
+    p.add_argument("--model", required=True, metavar="CKPT", help="best.pt of a run, or a reference model.pth")
+    p.add_argument("--out", required=True, metavar="CSV")
+    p.add_argument("--arch", choices=["benchmark", "no_edgenet", "complete"],
+                   help="preset of a plain reference state_dict (official CGNN checkpoints)")
+    p.add_argument("--db", metavar="URL", help="also predict the entries of this database (needs ingest.reader)")
+    p.add_argument("--limit", type=int, default=None, help="at most this many database entries")
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--backend", default="auto", choices=["auto", "dgl", "torch"], help="graph-ops backend")
+    p.add_argument("--workers", type=int, default=1, help="processes building graphs")
+    p.set_defaults(func=_cmd_predict)

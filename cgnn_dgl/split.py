@@ -1,0 +1,131 @@
+"""The reference's formula-grouped train / val / test split, persisted as ``split.json``.
+
+Reference semantics (``OQMD/oqmd.py data``, docs/cgnn-reference.md §2.2):
+
+* every entry whose formula has a single element goes to train;
+* the multi-element reduced formulas, in order of first appearance, are shuffled with
+  ``np.random.seed(12345); np.random.shuffle(formulas)`` (identical to
+  ``np.random.RandomState(12345).shuffle``);
+* test = the first ``int(0.1 n)`` formulas, val = the next ``int(0.1 n)``, train = the rest + unary;
+* an entry goes where its formula went, so no formula is shared between two parts.
+
+Index arrays are returned in row order. On disk the split is keyed by entry id (or by name when entry ids
+are missing or repeated) so it survives a rebuilt or reordered cache.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from cgnn_dgl.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+PARTS = ("train", "val", "test")
+SPLIT_VERSION = 1
+
+
+def formula_split(
+    formulas: Sequence[str],
+    n_elements: Sequence[int],
+    seed: int = 12345,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+) -> dict[str, np.ndarray]:
+    """Row indices of train / val / test for entries with the given reduced formulas."""
+    formulas = list(formulas)
+    n_elements = np.asarray(n_elements, dtype=np.int64).reshape(-1)
+    if len(formulas) != len(n_elements):
+        raise ValueError(f"{len(formulas)} formulas but {len(n_elements)} element counts")
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise UsageError(f"bad split fractions val={val_fraction} test={test_fraction}")
+    # Unique multi-element formulas in order of first appearance (pandas' unique()).
+    seen: dict[str, None] = {}
+    for f, ne in zip(formulas, n_elements):
+        if ne > 1 and f not in seen:
+            seen[f] = None
+    multi = np.array(list(seen), dtype=object)
+    np.random.RandomState(seed).shuffle(multi)
+    n = len(multi)
+    n_test, n_val = int(test_fraction * n), int(val_fraction * n)
+    part_of = {f: "test" for f in multi[:n_test]}
+    part_of.update({f: "val" for f in multi[n_test:n_test + n_val]})
+    which = np.array([part_of.get(f, "train") if ne > 1 else "train" for f, ne in zip(formulas, n_elements)],
+                     dtype=object)
+    return {part: np.flatnonzero(which == part).astype(np.int64) for part in PARTS}
+
+
+def split_keys(entry_ids: np.ndarray, names: Sequence[str]) -> tuple[str, list]:
+    """The key a split file uses: entry ids when they are all set and unique, else names."""
+    ids = np.asarray(entry_ids, dtype=np.int64).reshape(-1)
+    if len(ids) and (ids >= 0).all() and len(np.unique(ids)) == len(ids):
+        return "entry_id", [int(i) for i in ids]
+    names = [str(n) for n in names]
+    if len(set(names)) != len(names):
+        raise UsageError("cannot key the split: entry ids are missing or repeated and names repeat too")
+    return "name", names
+
+
+def save_split(path: str | os.PathLike, split: dict[str, np.ndarray], entry_ids, names, **meta) -> None:
+    """Write ``split.json`` atomically, keyed by entry id (or name)."""
+    key, keys = split_keys(entry_ids, names)
+    doc = {"version": SPLIT_VERSION, "key": key, **meta}
+    for part in PARTS:
+        doc[part] = [keys[int(i)] for i in split.get(part, [])]
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as fh:
+        json.dump(doc, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def load_split(path: str | os.PathLike, entry_ids, names) -> dict[str, np.ndarray]:
+    """Map a saved split onto the rows of a (possibly reordered) cache.
+
+    Keys missing from the cache are skipped with a warning; cache rows not named by the file are left out
+    of every part. A file that matches nothing is a usage error.
+    """
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"split file not found: {path}") from None
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot read split file {path}: {exc}") from None
+    if not isinstance(doc, dict) or not all(isinstance(doc.get(p), list) for p in PARTS):
+        raise UsageError(f"{path}: not a split file (needs lists 'train', 'val', 'test')")
+    key = doc.get("key", "name")
+    if key == "entry_id":
+        lookup = {int(e): i for i, e in enumerate(np.asarray(entry_ids).reshape(-1))}
+        conv = int
+    elif key == "name":
+        lookup = {str(n): i for i, n in enumerate(names)}
+        conv = str
+    else:
+        raise UsageError(f"{path}: unknown split key {key!r}")
+    out, missing, used = {}, 0, 0
+    for part in PARTS:
+        rows = []
+        for k in doc[part]:
+            i = lookup.get(conv(k))
+            if i is None:
+                missing += 1
+            else:
+                rows.append(i)
+        out[part] = np.sort(np.asarray(rows, dtype=np.int64))
+        used += len(rows)
+    if used == 0:
+        raise UsageError(f"{path}: none of its {missing} {key}s are in the cache")
+    if missing:
+        log.warning("split %s: %d of its entries are not in the cache and are skipped", path, missing)
+    left = len(lookup) - used
+    if left > 0:
+        log.warning("split %s: %d cache entries are in no part of the split and are not used", path, left)
+    return out

@@ -1,0 +1,568 @@
+"""`cgnn train`: one CGNN trunk, one regression head per target, masked multitask losses.
+
+Run folder (``--out``)::
+
+    config.yaml     the resolved run config (model + train)
+    split.json      the train/val/test split, keyed by entry id (or name); reused on resume
+    last.pt         full state after the latest epoch (weights, optimizer, scheduler, RNG, history, ...)
+    best.pt         the model with the best validation score so far (what evaluate/predict use)
+    history.csv     epoch, lr, time, train/val loss, train/val MAE per target, val score
+
+Every file is written atomically (temporary file, fsync, rename), so ``kill -9`` at any moment leaves a
+consistent run, and ``cgnn train --out RUN --resume`` continues exactly where it stopped: with the same
+seeds on CPU the weights equal those of an uninterrupted run bit for bit.
+
+Loss: for every used target k, the mean squared error over the crystals that have a label for k, in
+standardised units ``(y - mean_k) / std_k`` (train-split statistics; mean 0 / std 1 with
+``standardize: false``), weighted by ``task_weights[k]`` and divided by the sum of the weights of the
+targets that have labels in the training split. With one target, no standardisation and weight 1 this is
+the reference's ``MSELoss`` exactly. Selection score: the mean over used targets of the validation MAE
+divided by ``std_k``, i.e. the plain validation MAE in single-target mode without standardisation.
+
+Devices: the DGL graph of a batch always stays on the CPU (the PyPI DGL is CPU-only); only the
+:class:`~cgnn_dgl.graph_ops.GraphIndex` tensors, atomic numbers and targets move to ``--device``.
+
+DDP: launched by ``torchrun`` (RANK / WORLD_SIZE / LOCAL_RANK set), each process trains on its own shard
+of every epoch's permutation (DistributedSampler semantics: padded to equal length) with a per-process
+batch of ``batch_size // world_size``; gradients are averaged by DDP, metrics all-reduced, and only rank 0
+writes files. gloo on CPU, nccl on CUDA. BatchNorm statistics are per process (as in plain DDP).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cgnn_dgl import TARGETS
+from cgnn_dgl import checkpoint as ckpt_mod
+from cgnn_dgl.errors import CgnnError, UsageError
+from cgnn_dgl.train_config import RunConfig, TrainConfig, load_run_config
+
+log = logging.getLogger(__name__)
+
+LAST, BEST, CONFIG, SPLIT, HISTORY = "last.pt", "best.pt", "config.yaml", "split.json", "history.csv"
+
+
+# --------------------------------------------------------------------------------------------------
+# distributed helpers
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls) -> "Dist":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        return cls(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+    def init(self, device: torch.device) -> None:
+        if not self.enabled or torch.distributed.is_initialized():
+            return
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group(backend=backend)
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            torch.distributed.all_reduce(t)
+        return t
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torch.distributed.barrier()
+
+    def close(self) -> None:
+        if self.enabled and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def shard_indices(indices: np.ndarray, rank: int, world: int) -> np.ndarray:
+    """DistributedSampler semantics: pad by wrapping to a multiple of ``world``, then take every world-th."""
+    if world <= 1:
+        return indices
+    n = len(indices)
+    total = int(math.ceil(n / world)) * world
+    if total > n and n > 0:
+        indices = np.concatenate([indices, indices[: total - n]])
+    return indices[rank:total:world]
+
+
+# --------------------------------------------------------------------------------------------------
+# pieces shared with evaluate / predict
+
+
+def resolve_device(name: str, dist: Dist | None = None) -> torch.device:
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"device {name!r} requested but CUDA is not available (torch {torch.__version__})")
+        if dist is not None and dist.enabled and name == "cuda":
+            return torch.device("cuda", dist.local_rank)
+        return torch.device(name)
+    if name != "cpu":
+        raise UsageError(f"unknown device {name!r}; expected cpu or cuda")
+    return torch.device("cpu")
+
+
+def target_columns(model_targets) -> list[int]:
+    return [TARGETS.index(t) for t in model_targets]
+
+
+def batch_tensors(g, idx_cols: list[int], device: torch.device, backend: str):
+    """(z, gi, y, mask) of a batch graph on ``device``; the DGL graph itself is never moved."""
+    from cgnn_dgl.graph_ops import GraphIndex
+
+    gi = GraphIndex.from_graph(g, device, backend=backend)
+    z = g.nodes["atom"].data["Z"].to(device, non_blocking=True)
+    cdata = g.nodes["crystal"].data
+    y = cdata["y"][:, idx_cols].to(device=device, dtype=torch.float32, non_blocking=True)
+    mask = cdata["y_mask"][:, idx_cols].to(device, non_blocking=True)
+    return z, gi, y, mask
+
+
+def split_output(out):
+    """Model output -> (regression (n, T), classification logits (n, 2) or None)."""
+    if isinstance(out, dict):
+        return out["regression"], out.get("logits")
+    if isinstance(out, (tuple, list)):
+        return out[0], (out[1] if len(out) > 1 else None)
+    return out, None
+
+
+class HeadsModule(torch.nn.Module):
+    """``forward`` = the model's ``forward_heads`` (regression + optional logits), so DDP can wrap it."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, z, gi):
+        return self.model.forward_heads(z, gi)
+
+
+def target_stats(y: np.ndarray, mask: np.ndarray, standardize: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column mean / std over labelled rows (mean 0, std 1 when not standardising or unlabelled)."""
+    n_cols = y.shape[1]
+    mean, std = np.zeros(n_cols), np.ones(n_cols)
+    if not standardize:
+        return mean, std
+    for k in range(n_cols):
+        v = y[mask[:, k], k]
+        if len(v) >= 1:
+            mean[k] = v.mean()
+        if len(v) >= 2 and v.std() > 1e-12:
+            std[k] = v.std()
+    return mean, std
+
+
+def class_labels(y: torch.Tensor, mask: torch.Tensor, model_targets, train: TrainConfig):
+    """Labels (insulator, magnetic) and their masks from the band-gap / magnetization columns of ``y``."""
+    n = y.shape[0]
+    labels = torch.zeros(n, 2, device=y.device)
+    lmask = torch.zeros(n, 2, dtype=torch.bool, device=y.device)
+    for j, (name, thr) in enumerate((("band_gap", train.gap_threshold), ("magnetization", train.mag_threshold))):
+        if name in model_targets:
+            k = list(model_targets).index(name)
+            labels[:, j] = (y[:, k] > thr).float()
+            lmask[:, j] = mask[:, k]
+    return labels, lmask
+
+
+def build_optimizer(params, t: TrainConfig) -> torch.optim.Optimizer:
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, nesterov=True, weight_decay=t.weight_decay)
+    return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay, amsgrad=t.optimizer == "amsgrad")
+
+
+def build_scheduler(opt, t: TrainConfig):
+    if t.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=t.milestones[0], eta_min=t.gamma)
+    if t.scheduler == "step" or (t.scheduler == "multistep" and t.milestones[0] < 0):
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=abs(t.milestones[0]), gamma=t.gamma)
+    if t.scheduler == "multistep":
+        return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(t.milestones), gamma=t.gamma)
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# the trainer
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, run_dir: Path, packed, split: dict[str, np.ndarray], dist: Dist | None = None,
+                 resume_state: dict | None = None):
+        from cgnn_dgl.model import CGNN
+
+        self.cfg, self.t = cfg, cfg.train
+        self.run_dir = Path(run_dir)
+        self.packed, self.split = packed, split
+        self.dist = dist or Dist()
+        self.device = resolve_device(self.t.device, self.dist)
+        self.model_targets = list(cfg.model.targets)
+        self.cols = target_columns(self.model_targets)
+        self.used = [self.model_targets.index(t) for t in self.t.used_targets(self.model_targets)]
+
+        torch.manual_seed(self.t.seed)
+        random.seed(self.t.seed)
+        self.np_rng = np.random.default_rng(self.t.seed)
+
+        train_idx = split["train"]
+        y_tr = packed.y[train_idx][:, self.cols]
+        m_tr = packed.y_mask[train_idx][:, self.cols]
+        mean, std = target_stats(y_tr, m_tr, self.t.standardize)
+        self.model = CGNN(cfg.model)
+        self.model.set_target_stats(mean, std)
+        self.model.to(self.device)
+        # loss weights: used targets only; normalised by the weights of targets labelled in train
+        w = torch.zeros(len(self.model_targets))
+        for k in self.used:
+            w[k] = self.t.weight(self.model_targets[k])
+        labelled = torch.as_tensor(m_tr.any(axis=0))
+        denom = float((w * labelled).sum())
+        self.loss_w = (w / (denom if denom > 0 else 1.0)).to(self.device)
+        self.has_cls = bool(getattr(cfg.model, "classification_heads", False))
+
+        self.heads = HeadsModule(self.model)
+        self.net = self.heads
+        if self.dist.enabled:
+            # device_ids=None: single-device module; inputs are already on the device (no scatter)
+            self.net = torch.nn.parallel.DistributedDataParallel(self.heads, device_ids=None)
+        self.opt = build_optimizer(self.model.parameters(), self.t)
+        self.sched = build_scheduler(self.opt, self.t)
+        self.epoch = 0
+        self.best_score = math.inf
+        self.best_epoch = -1
+        self.since_best = 0
+        self.history: list[dict] = []
+        if resume_state is not None:
+            self._restore(resume_state)
+
+    # -- state -------------------------------------------------------------------------------------
+    def _restore(self, st: dict) -> None:
+        self.model.load_state_dict(st["model"])
+        self.opt.load_state_dict(st["optimizer"])
+        if self.sched is not None and st.get("scheduler") is not None:
+            self.sched.load_state_dict(st["scheduler"])
+        ckpt_mod.set_rng_state(st["rng"], self.np_rng)
+        self.epoch = int(st["epoch"])
+        self.best_score = float(st["best_score"])
+        self.best_epoch = int(st["best_epoch"])
+        self.since_best = int(st["epochs_since_best"])
+        self.history = list(st.get("history", []))
+
+    def state(self) -> dict:
+        return ckpt_mod.make_checkpoint(
+            self.model, self.cfg.model,
+            train_config=self.t.to_dict(),
+            optimizer=self.opt.state_dict(),
+            scheduler=self.sched.state_dict() if self.sched is not None else None,
+            rng=ckpt_mod.rng_state(self.np_rng),
+            epoch=self.epoch,
+            best_score=self.best_score,
+            best_epoch=self.best_epoch,
+            epochs_since_best=self.since_best,
+            history=self.history,
+            world_size=self.dist.world,
+        )
+
+    # -- one pass ----------------------------------------------------------------------------------
+    def _pass(self, indices: np.ndarray, train: bool, desc: str) -> dict:
+        from cgnn_dgl.batching import iter_batches
+        from cgnn_dgl.report import progress
+
+        T = len(self.model_targets)
+        # sums: [n_crystals, loss*n, sq_std(T), abs_phys(T), sq_phys(T), count(T)]
+        acc = torch.zeros(2 + 4 * T, dtype=torch.float64, device=self.device)
+        std = self.model.target_std.to(self.device).float()
+        mean = self.model.target_mean.to(self.device).float()
+        if train:
+            self.net.train()
+            idx = shard_indices(indices[self.np_rng.permutation(len(indices))], self.dist.rank, self.dist.world)
+            bs = max(1, self.t.batch_size // self.dist.world)
+            if self.t.record_seen and self.epoch == 0:
+                (self.run_dir / f"seen_rank{self.dist.rank}.txt").write_text(
+                    "\n".join(str(int(e)) for e in self.packed.entry_id[idx]) + "\n")
+        else:
+            self.model.eval()
+            idx = indices[self.dist.rank::self.dist.world] if self.dist.enabled else indices
+            bs = self.t.eval_batch_size or self.t.batch_size
+        n_batches = (len(idx) + bs - 1) // bs
+        bar = progress(total=n_batches, desc=desc, unit="batch",
+                       disable=(not self.t.progress or not self.dist.main) or None)
+        ctx = torch.enable_grad() if train else torch.no_grad()
+        with ctx:
+            for _, g in iter_batches(self.packed, idx, bs, shuffle=False):
+                z, gi, y, mask = batch_tensors(g, self.cols, self.device, self.t.backend)
+                out = self.net(z, gi) if train else self.heads(z, gi)
+                reg, logits = split_output(out)
+                reg = reg.reshape(y.shape[0], -1)
+                ys = (y - mean) / std
+                maskf = mask.float()
+                cnt = maskf.sum(0)
+                sq = (reg - ys) ** 2 * maskf
+                per_t = sq.sum(0) / cnt.clamp(min=1.0)
+                loss = (per_t * self.loss_w).sum()
+                if self.has_cls and logits is not None:
+                    labels, lmask = class_labels(y, mask, self.model_targets, self.t)
+                    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+                    lm = lmask.float()
+                    loss = loss + self.t.classification_weight * ((bce * lm).sum(0) / lm.sum(0).clamp(min=1.0)).sum()
+                if train:
+                    self.opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if self.t.clip_value > 0:
+                        torch.nn.utils.clip_grad_value_(self.model.parameters(), self.t.clip_value)
+                    self.opt.step()
+                with torch.no_grad():
+                    err = (reg.detach() - ys) * std
+                    n = y.shape[0]
+                    acc[0] += n
+                    acc[1] += loss.detach().double() * n
+                    acc[2:2 + T] += sq.detach().sum(0).double()
+                    acc[2 + T:2 + 2 * T] += (err.abs() * maskf).sum(0).double()
+                    acc[2 + 2 * T:2 + 3 * T] += (err ** 2 * maskf).sum(0).double()
+                    acc[2 + 3 * T:] += cnt.double()
+                bar.update(1)
+                if train and not bar.disable and bar.n % 10 == 1:
+                    bar.set_postfix(loss=f"{float(loss):.4g}", refresh=False)
+        bar.close()
+        self.dist.all_reduce(acc)
+        a = acc.cpu().numpy()
+        cnt = a[2 + 3 * T:]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mae = np.where(cnt > 0, a[2 + T:2 + 2 * T] / cnt, np.nan)
+            mse_std = np.where(cnt > 0, a[2:2 + T] / cnt, np.nan)
+        std_np = self.model.target_std.cpu().double().numpy()
+        used_mae = [mae[k] / std_np[k] for k in self.used if cnt[k] > 0]
+        return {
+            "loss": a[1] / a[0] if a[0] else float("nan"),
+            "mae": mae,
+            "mse_std": mse_std,
+            "count": cnt,
+            "score": float(np.mean(used_mae)) if used_mae else float("nan"),
+        }
+
+    # -- loop --------------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        t = self.t
+        train_idx, val_idx = self.split["train"], self.split["val"]
+        if len(train_idx) == 0:
+            raise CgnnError("the training split is empty")
+        while self.epoch < t.epochs:
+            if t.patience and self.since_best >= t.patience:
+                break
+            t0 = time.perf_counter()
+            lr = self.opt.param_groups[0]["lr"]
+            tr = self._pass(train_idx, True, f"epoch {self.epoch + 1}/{t.epochs} train")
+            va = self._pass(val_idx, False, "val") if len(val_idx) else None
+            if self.sched is not None:
+                self.sched.step()
+            score = va["score"] if va is not None else tr["score"]
+            improved = math.isfinite(score) and score < self.best_score - t.min_delta
+            self.epoch += 1
+            if improved:
+                self.best_score, self.best_epoch, self.since_best = score, self.epoch, 0
+            else:
+                self.since_best += 1
+            row = {"epoch": self.epoch, "lr": lr, "time_s": round(time.perf_counter() - t0, 3),
+                   "train_loss": tr["loss"], "val_loss": va["loss"] if va else float("nan")}
+            for k, name in enumerate(self.model_targets):
+                row[f"train_mae_{name}"] = tr["mae"][k]
+                row[f"val_mae_{name}"] = va["mae"][k] if va else float("nan")
+            row["val_score"] = score
+            self.history.append({k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in row.items()})
+            if self.dist.main:
+                if improved:
+                    ckpt_mod.atomic_save(self._best_state(), self.run_dir / BEST)
+                ckpt_mod.atomic_save(self.state(), self.run_dir / LAST)
+                write_history(self.run_dir / HISTORY, self.history)
+                maes = " ".join(f"{n}={row[f'val_mae_{n}']:.4g}" for n in self.model_targets)
+                log.info("epoch %d/%d lr %.2e train_loss %.4g val_loss %.4g val_mae %s score %.4g%s (%.1fs)",
+                         self.epoch, t.epochs, lr, row["train_loss"], row["val_loss"], maes, score,
+                         " *" if improved else "", row["time_s"])
+            self.dist.barrier()
+        if t.patience and self.since_best >= t.patience and self.dist.main:
+            log.info("early stopping: no improvement for %d epochs (best epoch %d)", self.since_best, self.best_epoch)
+        return {"epochs": self.epoch, "best_epoch": self.best_epoch, "best_score": self.best_score}
+
+    def _best_state(self) -> dict:
+        return ckpt_mod.make_checkpoint(self.model, self.cfg.model, train_config=self.t.to_dict(), epoch=self.epoch,
+                                        best_score=self.best_score, best_epoch=self.best_epoch)
+
+
+def write_history(path: Path, history: list[dict]) -> None:
+    if not history:
+        return
+    keys = list(history[0])
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for row in history:
+        w.writerow({k: (f"{v:.8g}" if isinstance(v, float) else v) for k, v in row.items()})
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as fh:
+        fh.write(buf.getvalue())
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------------
+# data + split
+
+
+def load_cache(path: str | None):
+    from cgnn_dgl.cache import load_packed
+
+    if not path:
+        raise UsageError("no graph cache given: pass --cache DIR or set train.cache")
+    p = Path(path)
+    if not (p / "manifest.json").is_file():
+        raise UsageError(f"graph cache not found: {p} (no manifest.json); build one with `cgnn graphs`")
+    return load_packed(p)
+
+
+def make_split(packed, t: TrainConfig) -> dict[str, np.ndarray]:
+    from cgnn_dgl.split import formula_split, load_split
+
+    if t.split_file:
+        return load_split(t.split_file, packed.entry_id, packed.names)
+    import warnings
+
+    with warnings.catch_warnings():  # pymatgen warns about noble-gas electronegativities
+        warnings.simplefilter("ignore")
+        formulas = packed.formulas()
+    return formula_split(formulas, packed.n_elements(), seed=t.split_seed,
+                         val_fraction=t.val_fraction, test_fraction=t.test_fraction)
+
+
+def prepare_run(cfg: RunConfig, run_dir: Path, resume: bool, dist: Dist):
+    """Load the cache, fix the split (reusing ``split.json``), and return (packed, split, resume_state)."""
+    from cgnn_dgl.split import load_split, save_split
+
+    packed = load_cache(cfg.train.cache)
+    split_path = run_dir / SPLIT
+    state = None
+    if resume and (run_dir / LAST).is_file():
+        state = ckpt_mod.load(run_dir / LAST)
+        if state.get("world_size", 1) != dist.world:
+            log.warning("resuming a run trained with %s processes on %d", state.get("world_size"), dist.world)
+    if split_path.is_file():
+        split = load_split(split_path, packed.entry_id, packed.names)
+    else:
+        split = make_split(packed, cfg.train)
+        if dist.main:
+            save_split(split_path, split, packed.entry_id, packed.names, method="formula",
+                       seed=cfg.train.split_seed, source=str(cfg.train.split_file or "formula_split"))
+    return packed, split, state
+
+
+def train_run(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
+    """Train (or resume) a run in ``run_dir``; returns a summary. Used by the CLI and by tests."""
+    run_dir = Path(run_dir)
+    dist = Dist.from_env()
+    device = resolve_device(cfg.train.device, dist)
+    if cfg.train.num_threads > 0:
+        torch.set_num_threads(cfg.train.num_threads)
+    elif dist.enabled and device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.world))
+    dist.init(device)
+    try:
+        if (run_dir / LAST).is_file() and not resume:  # checked by every rank, so none waits forever
+            raise UsageError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+        if dist.main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            cfg.save(run_dir / CONFIG)
+        dist.barrier()
+        packed, split, state = prepare_run(cfg, run_dir, resume, dist)
+        dist.barrier()
+        if dist.main:
+            log.info("run %s: %d train / %d val / %d test crystals, targets %s, device %s%s", run_dir,
+                     len(split["train"]), len(split["val"]), len(split["test"]), list(cfg.model.targets), device,
+                     f", {dist.world} processes" if dist.enabled else "")
+            if state is not None:
+                log.info("resuming after epoch %d (best epoch %d)", state["epoch"], state["best_epoch"])
+        trainer = Trainer(cfg, run_dir, packed, split, dist, resume_state=state)
+        summary = trainer.fit()
+        summary.update(run_dir=str(run_dir), n_train=len(split["train"]), n_val=len(split["val"]),
+                       n_test=len(split["test"]))
+        return summary
+    finally:
+        dist.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+
+
+def _cmd_train(args) -> int:
+    overrides = list(args.set or [])
+    run_dir = Path(args.out) if args.out else None
+    if args.resume:
+        if run_dir is None:
+            raise UsageError("--resume needs --out RUNDIR")
+        saved = run_dir / CONFIG
+        if not saved.is_file():
+            if args.config is None:
+                raise UsageError(f"nothing to resume in {run_dir} (no {CONFIG}) and no --config given")
+            config_path = args.config
+        else:
+            config_path = saved
+            if args.config is not None:
+                log.info("--resume: using the run's own %s (the --config file is ignored)", saved)
+    else:
+        if args.config is None:
+            raise UsageError("--config FILE is required (or --resume --out RUNDIR)")
+        config_path = args.config
+    cfg = load_run_config(config_path, overrides, check_files=not (args.resume and run_dir is not None
+                                                                   and (run_dir / SPLIT).is_file()))
+    if args.cache:
+        cfg.train.cache = args.cache
+    if args.device:
+        cfg.train.device = args.device
+    if run_dir is None:
+        run_dir = Path(cfg.train.out_dir)
+    cfg.train.out_dir = str(run_dir)
+    summary = train_run(cfg, run_dir, resume=args.resume)
+    if Dist.from_env().main:
+        print(f"trained {summary['epochs']} epochs; best epoch {summary['best_epoch']} "
+              f"(val score {summary['best_score']:.5g}); model in {run_dir / BEST}")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "train", help="train a CGNN (multitask, resumable, DDP via torchrun)",
+        description="Train a CGNN on a graph cache. The run folder keeps config.yaml, split.json, last.pt, "
+                    "best.pt and history.csv; rerun with --resume after an interruption. Multi-GPU / "
+                    "multi-node: launch with `torchrun --nproc_per_node N -m cgnn_dgl.cli train ...`.")
+    p.add_argument("--config", metavar="FILE", help="YAML or JSON run config (sections model, train)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.lr=5e-4 --set model.n_conv=3 (repeatable)")
+    p.add_argument("--cache", metavar="DIR", help="graph cache (overrides train.cache)")
+    p.add_argument("--out", metavar="RUNDIR", help="run folder (overrides train.out_dir)")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="overrides train.device")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    p.set_defaults(func=_cmd_train)

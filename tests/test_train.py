@@ -1,0 +1,358 @@
+"""`cgnn train`: config handling, masked multitask loss, exact resume (also after kill -9), DDP, devices."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cgnn_dgl.errors import UsageError
+from cgnn_dgl.train_config import RunConfig, TrainConfig, apply_overrides, load_run_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_MODEL = {"n_hidden_feat": 8, "n_graph_feat": 16, "n_conv": 2, "n_fc": 1, "use_batch_norm": True,
+              "full_pooling": True, "gated_pooling": True}
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers shared with test_evaluate / test_predict
+
+
+def synthetic_targets(numbers: np.ndarray, lattice: np.ndarray, rng) -> tuple[np.ndarray, np.ndarray]:
+    """Learnable fake labels from the composition (+ the real volume per atom); some labels missing."""
+    z = numbers.astype(float)
+    y = np.array([
+        np.mean(np.sin(z / 7.0)) - 0.2,                      # "formation energy"
+        abs(np.linalg.det(lattice)) / len(z),                # volume per atom
+        max(0.0, 2.0 * np.mean(np.cos(z / 5.0))),            # "band gap" (zero for about half)
+        float(np.mean((z >= 24) & (z <= 28))),               # "magnetization"
+    ])
+    mask = rng.random(4) > 0.15
+    mask[0] = True
+    return y, mask
+
+
+def write_cache(path: Path, rows: list[dict], seed: int = 0) -> Path:
+    """A real on-disk cache (CacheWriter) from reference neighbour lists, with synthetic targets."""
+    from cgnn_dgl.cache import Built, CacheWriter, ShardStream
+
+    rng = np.random.default_rng(seed)
+    writer = CacheWriter(path, source={"kind": "test", "n": len(rows), "seed": seed},
+                         params={"radius_factor": 1.2, "cc_cutoff": 0.03, "max_rounds": 10}, shard_size=64)
+    stream = ShardStream(writer)
+    for key, row in enumerate(rows):
+        numbers = np.asarray(row["numbers"], np.int64)
+        counts = np.array([len(n) for n in row["neighbors"]], np.int64)
+        nbr = np.array([i for n in row["neighbors"] for i in n], np.int64)
+        y, mask = synthetic_targets(numbers, np.asarray(row["lattice"]), rng)
+        stream.add(Built(key, row["name"], numbers, counts, nbr, np.where(mask, y, 0.0), mask))
+    stream.flush()
+    writer.close()
+    return path
+
+
+def usable_rows(dev_corpus, n: int, sources=("perov_val", "aflow", "dcdft")) -> list[dict]:
+    from cgnn_dgl.model.species import SPECIES_Z
+
+    ok = set(SPECIES_Z)
+    out = [r for r in dev_corpus if r["source"] in sources and r["error"] is None
+           and all(z in ok for z in r["numbers"]) and len(r["numbers"]) <= 12]
+    return out[:n]
+
+
+def tiny_config(cache: Path, out: Path, **train) -> RunConfig:
+    t = {"epochs": 3, "batch_size": 32, "milestones": [2], "lr": 3e-3, "cache": str(cache), "out_dir": str(out),
+         "progress": False, **train}
+    return RunConfig.from_dict({"model": dict(TINY_MODEL), "train": t})
+
+
+def weights(path: Path) -> dict:
+    return torch.load(path, weights_only=True)["model"]
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, dev_corpus) -> Path:
+    return write_cache(tmp_path_factory.mktemp("cache") / "c", usable_rows(dev_corpus, 240))
+
+
+# --------------------------------------------------------------------------------------------------
+# configuration
+
+
+def test_config_defaults_are_the_reference_recipe():
+    t = TrainConfig()
+    assert (t.optimizer, t.lr, t.weight_decay, t.batch_size, t.milestones, t.gamma, t.seed) == \
+        ("adam", 1e-3, 1e-6, 512, [250], 0.1, 12345)
+    cfg = load_run_config(REPO / "configs" / "reference_fe.yaml")
+    assert cfg.model.targets == ("formation_energy",) and cfg.train.standardize is False
+    from cgnn_dgl.model import CGNN
+
+    assert CGNN(cfg.model).n_parameters() == 212_833
+
+
+def test_set_overrides_parse_yaml_scalars():
+    cfg = load_run_config(REPO / "configs" / "benchmark.yaml",
+                          ["train.lr=5e-4", "model.n_conv=3", "train.milestones=[10, 20]", "train.patience=4",
+                           "train.standardize=false", "model.targets=[band_gap]", "train.split_file=null"])
+    assert cfg.train.lr == 5e-4 and cfg.model.n_conv == 3 and cfg.train.milestones == [10, 20]
+    assert cfg.train.standardize is False and cfg.model.targets == ("band_gap",) and cfg.train.patience == 4
+    assert apply_overrides({}, ["train.task_weights.band_gap=2"]) == {"train": {"task_weights": {"band_gap": 2}}}
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["train.lrr=1"], "lrr"),
+    (["model.n_convv=1"], "n_convv"),
+    (["train.epochs=many"], "epochs"),
+    (["train.optimizer=rmsprop"], "optimizer"),
+    (["train.targets=[band_gap, spin]"], "spin"),
+    (["lr=1"], "model."),
+    (["train.split_file=/nonexistent/split.json"], "split_file"),
+])
+def test_bad_configs_raise_usage_error(overrides, needle):
+    with pytest.raises(UsageError, match=needle.replace(".", r"\.")):
+        load_run_config(REPO / "configs" / "tiny.yaml", overrides)
+
+
+def _cli(*args, env=None, cwd=REPO, timeout=300):
+    return subprocess.run([sys.executable, "-m", "cgnn_dgl.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=timeout)
+
+
+def test_cli_bad_config_one_line_exit_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {preset: benchmark}\ntrain: {epochs: 3, learning_rate: 0.1}\n")
+    for args in (["train", "--config", str(bad), "--out", str(tmp_path / "r")],
+                 ["train", "--config", str(tmp_path / "missing.yaml")],
+                 ["train", "--config", str(REPO / "configs" / "tiny.yaml"), "--set", "train.batch_size=big"],
+                 ["train", "--config", str(REPO / "configs" / "tiny.yaml"), "--cache", str(tmp_path / "nocache"),
+                  "--out", str(tmp_path / "r2")]):
+        r = _cli(*args)
+        assert r.returncode == 2, (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+        assert r.stderr.startswith("cgnn train: error:")
+
+
+# --------------------------------------------------------------------------------------------------
+# loss and training behaviour
+
+
+def test_single_target_loss_is_reference_mse(cache, tmp_path):
+    from cgnn_dgl.batching import iter_batches
+    from cgnn_dgl.train import Trainer, batch_tensors, load_cache, make_split
+
+    cfg = tiny_config(cache, tmp_path, standardize=False, batch_size=1000)
+    cfg.model = cfg.model.replace(targets=["formation_energy"])
+    packed = load_cache(str(cache))
+    split = make_split(packed, cfg.train)
+    tr = Trainer(cfg, tmp_path, packed, split)
+    res = tr._pass(split["val"], train=False, desc="val")
+    tr.model.eval()
+    _, g = next(iter_batches(packed, split["val"], 1000))
+    z, gi, y, mask = batch_tensors(g, [0], torch.device("cpu"), "auto")
+    with torch.no_grad():
+        pred = tr.model(z, gi).reshape(-1)
+    mse = torch.nn.functional.mse_loss(pred, y.reshape(-1))
+    assert mask.all()
+    assert res["loss"] == pytest.approx(float(mse), rel=1e-5)
+    assert res["mae"][0] == pytest.approx(float((pred - y.reshape(-1)).abs().mean()), rel=1e-5)
+
+
+def test_masked_targets_do_not_leak(cache, tmp_path):
+    """Heads of targets left out of train.targets get exactly zero gradient (so Adam never moves them)."""
+    from cgnn_dgl.train import Trainer, load_cache, make_split
+
+    cfg = tiny_config(cache, tmp_path, targets=["formation_energy", "volume_per_atom"], epochs=1, weight_decay=0.0)
+    packed = load_cache(str(cache))
+    split = make_split(packed, cfg.train)
+    tr = Trainer(cfg, tmp_path, packed, split)
+    w0 = tr.model.regression.linear.weight.detach().clone()
+    b0 = tr.model.regression.linear.bias.detach().clone()
+    tr._pass(split["train"], train=True, desc="t")
+    w1 = tr.model.regression.linear.weight.detach()
+    b1 = tr.model.regression.linear.bias.detach()
+    assert torch.equal(w1[2:], w0[2:]) and torch.equal(b1[2:], b0[2:])  # band_gap, magnetization untouched
+    assert (w1[:2] - w0[:2]).abs().max() > 1e-4  # the used heads did train
+
+
+def test_training_writes_run_folder_and_is_deterministic(cache, tmp_path):
+    from cgnn_dgl.train import train_run
+
+    a = train_run(tiny_config(cache, tmp_path / "a"), tmp_path / "a")
+    b = train_run(tiny_config(cache, tmp_path / "b"), tmp_path / "b")
+    for f in ("config.yaml", "split.json", "last.pt", "best.pt", "history.csv"):
+        assert (tmp_path / "a" / f).is_file(), f
+    assert a["epochs"] == 3
+    assert same_weights(weights(tmp_path / "a" / "last.pt"), weights(tmp_path / "b" / "last.pt"))
+    hist = (tmp_path / "a" / "history.csv").read_text().splitlines()
+    assert len(hist) == 4 and hist[0].startswith("epoch,lr,time_s,train_loss,val_loss")
+    ck = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
+    for key in ("model_config", "optimizer", "scheduler", "rng", "epoch", "best_score", "target_mean",
+                "target_std", "package_version", "history"):
+        assert key in ck, key
+    # LR drops by gamma at the milestone (epoch 2 -> third epoch runs at lr * 0.1)
+    lrs = [float(line.split(",")[1]) for line in hist[1:]]
+    assert lrs[0] == pytest.approx(3e-3) and lrs[2] == pytest.approx(3e-4)
+    with pytest.raises(UsageError, match="--resume"):
+        train_run(tiny_config(cache, tmp_path / "a"), tmp_path / "a")
+
+
+def test_resume_in_process_is_exact(cache, tmp_path):
+    from cgnn_dgl.train import train_run
+
+    train_run(tiny_config(cache, tmp_path / "straight", epochs=4), tmp_path / "straight")
+    train_run(tiny_config(cache, tmp_path / "split", epochs=2), tmp_path / "split")
+    train_run(tiny_config(cache, tmp_path / "split", epochs=4), tmp_path / "split", resume=True)
+    assert same_weights(weights(tmp_path / "straight" / "last.pt"), weights(tmp_path / "split" / "last.pt"))
+    assert same_weights(weights(tmp_path / "straight" / "best.pt"), weights(tmp_path / "split" / "best.pt"))
+    h1 = (tmp_path / "straight" / "history.csv").read_text().splitlines()
+    h2 = (tmp_path / "split" / "history.csv").read_text().splitlines()
+    strip = lambda rows: [",".join(c for i, c in enumerate(r.split(",")) if i != 2) for r in rows]  # noqa: E731
+    assert strip(h1) == strip(h2)  # everything but the wall time
+
+
+def test_early_stopping(cache, tmp_path):
+    from cgnn_dgl.train import train_run
+
+    s = train_run(tiny_config(cache, tmp_path / "r", epochs=10, patience=2, min_delta=1e9), tmp_path / "r")
+    assert s["epochs"] == 3 and s["best_epoch"] == 1
+
+
+def test_device_handling_never_moves_the_dgl_graph(cache, tmp_path, monkeypatch):
+    """Our modules never call DGLGraph.to(): with --device cuda the CPU-only DGL graph must stay put and
+    only GraphIndex tensors move. (DGL itself calls .to(None) internally when building graphs.)"""
+    import inspect
+
+    import dgl
+
+    original = dgl.DGLGraph.to
+    calls = []
+
+    def guarded(self, *a, **k):
+        caller = inspect.stack()[1].filename
+        if any(caller.endswith(f"cgnn_dgl/{m}.py") for m in ("train", "predict", "evaluate", "batching")):
+            calls.append((caller, a, k))
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(dgl.DGLGraph, "to", guarded)
+    from cgnn_dgl.train import train_run
+
+    s = train_run(tiny_config(cache, tmp_path / "r", epochs=1, backend="torch"), tmp_path / "r")
+    assert s["epochs"] == 1
+    assert calls == []
+
+
+def test_cuda_without_gpu_is_a_usage_error(cache, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    from cgnn_dgl.train import train_run
+
+    with pytest.raises(UsageError, match="CUDA"):
+        train_run(tiny_config(cache, tmp_path / "r", device="cuda"), tmp_path / "r")
+
+
+# --------------------------------------------------------------------------------------------------
+# kill -9 and resume, in a real subprocess
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(cache, tmp_path):
+    from cgnn_dgl.train import train_run
+
+    epochs = 12
+    cfg = tiny_config(cache, tmp_path / "straight", epochs=epochs, batch_size=16, num_threads=1)
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg.train.out_dir = str(tmp_path / "killed")
+    cfg.save(cfg_file)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "cgnn_dgl.cli", "train", "--config", str(cfg_file), "--out",
+                             str(tmp_path / "killed")], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    hist = tmp_path / "killed" / "history.csv"
+    deadline = time.time() + 240
+    killed_after = None
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if hist.is_file() and len(hist.read_text().splitlines()) >= 3:  # >= 2 epochs done
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+                killed_after = len(hist.read_text().splitlines()) - 1
+                break
+            time.sleep(0.005)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert killed_after is not None, f"run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+    assert killed_after < epochs
+    r = _cli("train", "--out", str(tmp_path / "killed"), "--resume", env=env)
+    assert r.returncode == 0, r.stderr
+    ck = torch.load(tmp_path / "killed" / "last.pt", weights_only=True)
+    assert ck["epoch"] == epochs
+    torch.set_num_threads(1)  # same thread count as the subprocess
+    try:
+        cfg.train.out_dir = str(tmp_path / "straight")
+        train_run(cfg, tmp_path / "straight")
+    finally:
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+    assert same_weights(ck["model"], weights(tmp_path / "straight" / "last.pt"))
+    assert same_weights(weights(tmp_path / "killed" / "best.pt"), weights(tmp_path / "straight" / "best.pt"))
+
+
+# --------------------------------------------------------------------------------------------------
+# DDP with gloo on CPU
+
+
+def test_ddp_two_processes_gloo(cache, tmp_path):
+    cfg = tiny_config(cache, tmp_path / "ddp", epochs=2, record_seen=True, batch_size=32)
+    cfg_file = tmp_path / "ddp.yaml"
+    cfg.save(cfg_file)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_port", str(29500 + os.getpid() % 1000), "-m", "cgnn_dgl.cli", "train",
+                        "--config", str(cfg_file), "--out", str(tmp_path / "ddp")],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    seen0 = (tmp_path / "ddp" / "seen_rank0.txt").read_text().split()
+    seen1 = (tmp_path / "ddp" / "seen_rank1.txt").read_text().split()
+    split = json.loads((tmp_path / "ddp" / "split.json").read_text())
+    train_ids = {str(k) for k in split["train"]}
+    assert abs(len(seen0) - len(seen1)) == 0
+    assert len(set(seen0) & set(seen1)) <= 1  # at most the one padding sample when the count is odd
+    assert set(seen0) | set(seen1) == train_ids
+    ck = torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)
+    assert ck["epoch"] == 2 and ck["world_size"] == 2
+    assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+    assert np.isfinite(ck["best_score"])
+    # rank 0 alone writes: one history with one row per epoch
+    assert len((tmp_path / "ddp" / "history.csv").read_text().splitlines()) == 3
+
+
+# --------------------------------------------------------------------------------------------------
+# learning on real DFT data (perov5), small and fast
+
+
+def test_learns_perov5_better_than_mean(shared, tmp_path):
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        from learn_perov5 import build_perov5_packed, run_learning_check
+    finally:
+        sys.path.pop(0)
+    packed = build_perov5_packed(shared / "data" / "perov5" / "train.csv", limit=900, workers=1)
+    res = run_learning_check(packed, tmp_path, epochs=25, model=dict(n_hidden_feat=32, n_graph_feat=64, n_conv=3,
+                                                                     n_fc=2, use_batch_norm=True, full_pooling=True,
+                                                                     gated_pooling=True),
+                             batch_size=64, lr=3e-3, progress=False)
+    print({k: v for k, v in res.items() if isinstance(v, dict)})
+    for target in ("formation_energy", "volume_per_atom"):
+        assert res[target]["model_mae"] < 0.85 * res[target]["mean_mae"], res
