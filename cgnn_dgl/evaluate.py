@@ -120,6 +120,17 @@ def compute_metrics(targets, pred, true, mask, train_cfg, prob=None) -> dict:
     return out
 
 
+def add_mean_baseline(metrics: dict, targets, y_train, m_train, y_eval, m_eval) -> None:
+    """MAE of predicting the train-split mean: the bar any model must clear (``mean_predictor_mae``)."""
+    for k, name in enumerate(targets):
+        entry = metrics["regression"][name]
+        if m_train[:, k].any() and m_eval[:, k].any():
+            mean = float(y_train[m_train[:, k], k].mean())
+            entry["mean_predictor_mae"] = float(np.abs(y_eval[m_eval[:, k], k] - mean).mean())
+        else:
+            entry["mean_predictor_mae"] = None
+
+
 # --------------------------------------------------------------------------------------------------
 # plots
 
@@ -221,6 +232,8 @@ def evaluate_run(run_dir, cache: str | None = None, split: str = "test", out: st
     mask = packed.y_mask[idx][:, cols]
     metrics = compute_metrics(mcfg.targets, pred, true, mask, train_cfg, prob)
     metrics.update(split=split, n=int(len(idx)), run=str(run_dir))
+    add_mean_baseline(metrics, mcfg.targets, packed.y[parts["train"]][:, cols], packed.y_mask[parts["train"]][:, cols],
+                      true, mask)
 
     out_dir = Path(out) if out else run_dir
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -252,10 +265,13 @@ def evaluate_run(run_dir, cache: str | None = None, split: str = "test", out: st
 def print_metrics(metrics: dict) -> None:
     from cgnn_dgl.report import print_table
 
-    rows = [(name, m["n"], m["mae"] if m["mae"] is not None else float("nan"),
-             m["rmse"] if m["rmse"] is not None else float("nan"), m["unit"])
+    def num(v):
+        return float("nan") if v is None else v
+
+    rows = [(name, m["n"], num(m["mae"]), num(m["rmse"]), num(m.get("mean_predictor_mae")), m["unit"])
             for name, m in metrics["regression"].items()]
-    print_table(f"{metrics['split']} split ({metrics['n']} crystals)", rows, header=["target", "n", "MAE", "RMSE", "unit"])
+    print_table(f"{metrics['split']} split ({metrics['n']} crystals)", rows,
+                header=["target", "n", "MAE", "RMSE", "mean-predictor MAE", "unit"])
     if metrics["classification"]:
         def f(v):
             return float("nan") if v is None else v

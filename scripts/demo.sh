@@ -37,12 +37,13 @@ import json, sys
 from pathlib import Path
 from cgnn_dgl.report import print_table
 m = json.loads((Path(sys.argv[1]) / "metrics.json").read_text())
-rows = [(t, v.get("n", ""), v.get("mae"), v.get("rmse"), v.get("mean_predictor_mae", ""))
-        for t, v in m.get("regression", {}).items()]
-print_table("test metrics on synthetic labels", rows, header=["target", "n", "MAE", "RMSE", "mean-predictor MAE"])
+rows = [(t, v["n"], v["mae"], v["rmse"], v.get("mean_predictor_mae") or float("nan"), v.get("unit", ""))
+        for t, v in m["regression"].items()]
+print_table(f"demo: test metrics on SYNTHETIC labels ({m.get('n', '?')} crystals)", rows,
+            header=["target", "n", "MAE", "RMSE", "mean-predictor MAE", "unit"])
 cls = [(k, v.get("accuracy"), v.get("precision"), v.get("recall"), v.get("roc_auc"))
        for k, v in m.get("classification", {}).items()]
 if cls:
-    print_table("classification", cls, header=["task", "accuracy", "precision", "recall", "ROC AUC"])
+    print_table("demo: classification (SYNTHETIC labels)", cls, header=["task", "accuracy", "precision", "recall", "ROC AUC"])
 PY
 echo "demo finished in $(( $(date +%s) - start )) s; outputs in $OUT/"
