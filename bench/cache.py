@@ -23,7 +23,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dgl  # noqa: E402
-from cgnn_dgl.batching import PackedGraphs, iter_batches  # noqa: E402
+from cgnn_dgl.batching import iter_batches  # noqa: E402
 from cgnn_dgl.cache import Built, CacheWriter, ShardStream, load_packed  # noqa: E402
 from cgnn_dgl.graph import graph_from_neighbors  # noqa: E402
 from cgnn_dgl.report import peak_rss_mb, print_table  # noqa: E402

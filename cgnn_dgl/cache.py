@@ -38,6 +38,7 @@ import cgnn_dgl
 import dgl
 from cgnn_dgl import TARGETS
 from cgnn_dgl.errors import CgnnError
+from cgnn_dgl.fileio import atomic_open, atomic_write_json, sha256_file
 from cgnn_dgl.graph import BOND, IN
 
 log = logging.getLogger(__name__)
@@ -72,49 +73,6 @@ class Reject:
     name: str
     reason: str
     message: str
-
-
-# --------------------------------------------------------------------------------------------------
-# atomic file helpers
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode())
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -393,12 +351,10 @@ def iter_rejects(root: Path, shards: Iterable[dict]) -> Iterator[list]:
 def write_rejects_csv(root: Path, shards: Sequence[dict]) -> Path:
     path = Path(root) / "rejects.csv"
     rows = sorted(iter_rejects(root, shards), key=lambda r: r[0])
-    fd, tmp = tempfile.mkstemp(prefix=".rejects.", suffix=".tmp", dir=root)
-    with os.fdopen(fd, "w", newline="") as fh:
+    with atomic_open(path, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["key", "name", "reason", "message"])
         w.writerows(rows)
-    os.replace(tmp, path)
     return path
 
 

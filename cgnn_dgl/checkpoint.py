@@ -31,29 +31,11 @@ FORMAT_VERSION = 1
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, rename over ``path``, fsync the folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    try:
-        dfd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
+    """``torch.save`` through :func:`cgnn_dgl.fileio.atomic_open` (a kill never leaves half a checkpoint)."""
+    from cgnn_dgl.fileio import atomic_open
+
+    with atomic_open(path, "wb") as fh:
+        torch.save(obj, fh)
 
 
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:

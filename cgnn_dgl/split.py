@@ -23,6 +23,7 @@ from typing import Sequence
 import numpy as np
 
 from cgnn_dgl.errors import UsageError
+from cgnn_dgl.fileio import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +78,7 @@ def save_split(path: str | os.PathLike, split: dict[str, np.ndarray], entry_ids,
     doc = {"version": SPLIT_VERSION, "key": key, **meta}
     for part in PARTS:
         doc[part] = [keys[int(i)] for i in split.get(part, [])]
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        json.dump(doc, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(doc))
 
 
 def load_split(path: str | os.PathLike, entry_ids, names) -> dict[str, np.ndarray]:

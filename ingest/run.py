@@ -24,9 +24,7 @@ import csv
 import json
 import logging
 import math
-import os
 import sys
-import tempfile
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -34,6 +32,7 @@ from pathlib import Path
 from typing import Iterator
 
 from cgnn_dgl.errors import CgnnError, UsageError
+from cgnn_dgl.fileio import atomic_open, atomic_write_text
 from ingest.db import make_engine, require_tables, resolve_url, safe_url
 from ingest.reader import OqmdReader, Record
 from ingest.select import QUERY_VERSION, SELECTIONS, Filters
@@ -115,16 +114,6 @@ def parse_elements(text: str | None) -> tuple[str, ...] | None:
     return tuple(sorted(set(out)))
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 class _FlagWriter:
     """Writes ``ingest/flags-<first>-<last>.jsonl`` for a shard just before the shard itself."""
 
@@ -145,7 +134,7 @@ class _FlagWriter:
         rows = [r for r in self.pending if key_first <= r["key"] <= key_last]
         self.pending = [r for r in self.pending if r["key"] > key_last]
         text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
-        _atomic_write_text(self.dir / f"flags-{key_first}-{key_last}.jsonl", text)
+        atomic_write_text(self.dir / f"flags-{key_first}-{key_last}.jsonl", text)
 
     def consolidate(self, shards: list[dict], out: Path) -> Path:
         ranges = {(s["key_first"], s["key_last"]) for s in shards}
@@ -154,8 +143,7 @@ class _FlagWriter:
                 a, b = (int(x) for x in f.stem.split("-")[1:3])
                 if (a, b) not in ranges:
                     f.unlink()  # left by a shard that never made it into the manifest
-        fd, tmp = tempfile.mkstemp(prefix=".ingest_flags.", suffix=".tmp", dir=out.parent)
-        with os.fdopen(fd, "w", newline="") as fh:
+        with atomic_open(out, "w", newline="") as fh:
             w = csv.writer(fh)
             w.writerow(FLAG_COLUMNS)
             for a, b in sorted(ranges):
@@ -165,7 +153,6 @@ class _FlagWriter:
                 for line in p.read_text().splitlines():
                     row = json.loads(line)
                     w.writerow(["" if row.get(k) is None else row.get(k) for k in FLAG_COLUMNS])
-        os.replace(tmp, out)
         return out
 
 

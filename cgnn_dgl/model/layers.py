@@ -43,6 +43,12 @@ def _split_linear_bn(module: nn.Module) -> tuple[nn.Linear, nn.Module | None]:
     return module, None
 
 
+def edge_net_shortcuts(in_features: int, out_features: int, n_layers: int) -> nn.ModuleList:
+    """The bias-free residual projections W_s,l of the reference edge networks (one per layer)."""
+    return nn.ModuleList(nn.Linear(in_features if i == 0 else out_features, out_features, bias=False)
+                         for i in range(n_layers))
+
+
 class NodeEmbedding(nn.Module):
     """``h = W_emb onehot(Z)`` done as a column lookup of ``linear.weight`` (d_h, 89)."""
 
@@ -80,11 +86,7 @@ class EdgeNetwork(nn.Module):
         if use_batch_norm:
             layers = [BatchNormBilinear(layer, out_features) for layer in layers]
         self.bilinears = nn.ModuleList(layers)
-        self.shortcuts = (
-            nn.ModuleList(nn.Linear(in_features if i == 0 else out_features, out_features, bias=False)
-                          for i in range(n_layers))
-            if use_shortcut else None
-        )
+        self.shortcuts = edge_net_shortcuts(in_features, out_features, n_layers) if use_shortcut else None
         self.activation = activation
         self.per_bond_batch_norm = use_batch_norm
 
@@ -112,11 +114,7 @@ class FastEdgeNetwork(nn.Module):
         self.edge_linears = nn.ModuleList(
             linear_bn(in_features if i == 0 else out_features, out_features, use_batch_norm, bias)
             for i in range(n_layers))
-        self.shortcuts = (
-            nn.ModuleList(nn.Linear(in_features if i == 0 else out_features, out_features, bias=False)
-                          for i in range(n_layers))
-            if use_shortcut else None
-        )
+        self.shortcuts = edge_net_shortcuts(in_features, out_features, n_layers) if use_shortcut else None
         self.activation = activation
         self.net_type = net_type
         self.per_bond_batch_norm = use_batch_norm  # the edge_linears' BN runs over bonds
@@ -209,11 +207,7 @@ class AggregatedEdgeNetwork(nn.Module):
         if use_batch_norm:
             layers = [_AggregatedBN(layer) for layer in layers]
         self.bilinears = nn.ModuleList(layers)
-        self.shortcuts = (
-            nn.ModuleList(nn.Linear(in_features if i == 0 else out_features, out_features, bias=False)
-                          for i in range(n_layers))
-            if use_shortcut else None
-        )
+        self.shortcuts = edge_net_shortcuts(in_features, out_features, n_layers) if use_shortcut else None
         self.activation = activation
         self.per_bond_batch_norm = use_batch_norm
 
