@@ -12,7 +12,8 @@ Every file is written atomically (temporary file, fsync, rename), so ``kill -9``
 consistent run, and ``cgnn train --out RUN --resume`` continues exactly where it stopped: with the same
 seeds on CPU the weights equal those of an uninterrupted run bit for bit.
 
-Loss: for every used target k, the mean squared error over the crystals that have a label for k, in
+Loss: for every used target k, the mean squared error (``loss: mse``, the reference; ``l1`` and ``huber``
+are options, per target with ``target_loss``) over the crystals that have a label for k, in
 standardised units ``(y - mean_k) / std_k`` (train-split statistics; mean 0 / std 1 with
 ``standardize: false``), weighted by ``task_weights[k]`` and divided by the sum of the weights of the
 targets that have labels in the training split. With one target, no standardisation and weight 1 this is
@@ -45,6 +46,7 @@ import torch
 from cgnn_dgl import TARGETS
 from cgnn_dgl import checkpoint as ckpt_mod
 from cgnn_dgl.errors import CgnnError, UsageError
+from cgnn_dgl.fileio import atomic_write_text
 from cgnn_dgl.train_config import RunConfig, TrainConfig, load_run_config
 
 log = logging.getLogger(__name__)
@@ -242,6 +244,9 @@ class Trainer:
         labelled = torch.as_tensor(m_tr.any(axis=0))
         denom = float((w * labelled).sum())
         self.loss_w = (w / (denom if denom > 0 else 1.0)).to(self.device)
+        # element-wise loss per target column: 0 = squared error, 1 = absolute, 2 = Huber (delta 1)
+        kinds = {"mse": 0, "l1": 1, "huber": 2}
+        self.loss_kind = torch.tensor([kinds[self.t.loss_of(t)] for t in self.model_targets], device=self.device)
         self.has_cls = bool(getattr(cfg.model, "classification_heads", False))
 
         self.heads = HeadsModule(self.model)
@@ -321,8 +326,14 @@ class Trainer:
                 ys = (y - mean) / std
                 maskf = mask.float()
                 cnt = maskf.sum(0)
-                sq = (reg - ys) ** 2 * maskf
-                per_t = sq.sum(0) / cnt.clamp(min=1.0)
+                diff = reg - ys
+                sq = diff ** 2 * maskf
+                elem = sq
+                if bool((self.loss_kind > 0).any()):
+                    ad = diff.abs()
+                    huber = torch.where(ad < 1.0, 0.5 * diff ** 2, ad - 0.5)
+                    elem = torch.where(self.loss_kind == 1, ad, torch.where(self.loss_kind == 2, huber, diff ** 2)) * maskf
+                per_t = elem.sum(0) / cnt.clamp(min=1.0)
                 loss = (per_t * self.loss_w).sum()
                 if self.has_cls and logits is not None:
                     labels, lmask = class_labels(y, mask, self.model_targets, self.t)
@@ -421,12 +432,7 @@ def write_history(path: Path, history: list[dict]) -> None:
     w.writeheader()
     for row in history:
         w.writerow({k: (f"{v:.8g}" if isinstance(v, float) else v) for k, v in row.items()})
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        fh.write(buf.getvalue())
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, buf.getvalue())
 
 
 # --------------------------------------------------------------------------------------------------

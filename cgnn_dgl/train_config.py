@@ -35,6 +35,7 @@ from cgnn_dgl import TARGETS
 from cgnn_dgl.errors import UsageError
 
 OPTIMIZERS = ("adam", "amsgrad", "sgd")
+LOSSES = ("mse", "l1", "huber")
 SCHEDULERS = ("multistep", "step", "cosine", "none")
 DEVICES = ("cpu", "cuda")
 
@@ -64,6 +65,8 @@ class TrainConfig:
     targets: list[str] | None = None  # targets in the loss; None = every head of the model
     task_weights: dict[str, float] = field(default_factory=dict)  # default 1.0 each
     standardize: bool = True  # train on (y - mean) / std of the training split
+    loss: str = "mse"  # mse (the reference) | l1 | huber, on standardised targets
+    target_loss: dict[str, str] = field(default_factory=dict)  # per-target override, e.g. {band_gap: l1}
     classification_weight: float = 1.0  # weight of the BCE loss of optional classification heads
     gap_threshold: float = 0.0
     mag_threshold: float = 0.05
@@ -107,6 +110,11 @@ class TrainConfig:
         for t in self.targets or []:
             if t not in model_targets:
                 bad(f"targets: {t!r} is not a head of the model {tuple(model_targets)}")
+        for t, name in {"*": self.loss, **self.target_loss}.items():
+            if name not in LOSSES:
+                bad(f"loss{'' if t == '*' else f' of {t}'}: {name!r} is not one of {LOSSES}")
+            if t != "*" and t not in TARGETS:
+                bad(f"target_loss: unknown target {t!r}; expected some of {TARGETS}")
         for t, w in self.task_weights.items():
             if t not in TARGETS:  # weights of targets the model lacks are ignored; typos are not
                 bad(f"task_weights: unknown target {t!r}; expected some of {TARGETS}")
@@ -117,6 +125,9 @@ class TrainConfig:
 
     def used_targets(self, model_targets) -> list[str]:
         return list(self.targets) if self.targets else list(model_targets)
+
+    def loss_of(self, target: str) -> str:
+        return self.target_loss.get(target, self.loss)
 
     def weight(self, target: str) -> float:
         return float(self.task_weights.get(target, 1.0))

@@ -169,6 +169,33 @@ def test_single_target_loss_is_reference_mse(cache, tmp_path):
     assert res["mae"][0] == pytest.approx(float((pred - y.reshape(-1)).abs().mean()), rel=1e-5)
 
 
+@pytest.mark.parametrize("loss", ["l1", "huber"])
+def test_optional_losses(cache, tmp_path, loss):
+    from cgnn_dgl.batching import iter_batches
+    from cgnn_dgl.train import Trainer, batch_tensors, load_cache, make_split
+
+    cfg = tiny_config(cache, tmp_path, standardize=False, batch_size=1000, loss=loss)
+    cfg.model = cfg.model.replace(targets=["formation_energy"])
+    packed = load_cache(str(cache))
+    split = make_split(packed, cfg.train)
+    tr = Trainer(cfg, tmp_path, packed, split)
+    res = tr._pass(split["val"], train=False, desc="val")
+    tr.model.eval()
+    _, g = next(iter_batches(packed, split["val"], 1000))
+    z, gi, y, _ = batch_tensors(g, [0], torch.device("cpu"), "auto")
+    with torch.no_grad():
+        pred = tr.model(z, gi).reshape(-1)
+    fn = torch.nn.functional.l1_loss if loss == "l1" else torch.nn.functional.huber_loss
+    assert res["loss"] == pytest.approx(float(fn(pred, y.reshape(-1))), rel=1e-5)
+
+
+def test_unknown_loss_is_a_usage_error(cache, tmp_path):
+    with pytest.raises(UsageError, match="loss"):
+        tiny_config(cache, tmp_path, loss="hinge").train.validate()
+    with pytest.raises(UsageError, match="target_loss"):
+        tiny_config(cache, tmp_path, target_loss={"gap": "l1"}).train.validate()
+
+
 def test_masked_targets_do_not_leak(cache, tmp_path):
     """Heads of targets left out of train.targets get exactly zero gradient (so Adam never moves them)."""
     from cgnn_dgl.train import Trainer, load_cache, make_split
