@@ -62,7 +62,7 @@ def build_perov5_packed(csv_path=DEFAULT_CSV, limit: int | None = None, workers:
 
 def run_learning_check(packed, out_dir, epochs: int = 300, model: dict | None = None, preset: str | None = None,
                        batch_size: int = 512, lr: float = 1e-3, progress: bool = True, seed: int = 12345,
-                       milestones=None) -> dict:
+                       milestones=None, train_overrides: dict | None = None) -> dict:
     """Train on an internal split of ``packed``; return per-target test MAE of the model and of the mean."""
     import torch
 
@@ -79,7 +79,8 @@ def run_learning_check(packed, out_dir, epochs: int = 300, model: dict | None = 
         mdict["preset"] = preset
     cfg = RunConfig.from_dict({"model": mdict, "train": {
         "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "progress": progress,
-        "milestones": list(milestones or [max(1, int(epochs * 0.85))]), "out_dir": str(out_dir)}})
+        "milestones": list(milestones or [max(1, int(epochs * 0.85))]), "out_dir": str(out_dir),
+        **(train_overrides or {})}})
     split = formula_split(packed.formulas(), packed.n_elements(), seed=seed)
     trainer = Trainer(cfg, out_dir, packed, split)
     t0 = time.perf_counter()
@@ -120,14 +121,22 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", default=str(REPO / "runs" / "perov5"))
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="train config override, e.g. --set target_loss={band_gap: l1} (YAML value)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     packed = build_perov5_packed(args.csv, args.limit, args.workers)
     print(f"built {len(packed)} graphs in {time.perf_counter() - t0:.1f}s")
+    import yaml
+
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        overrides[key.strip()] = yaml.safe_load(value)
     res = run_learning_check(packed, args.out, epochs=args.epochs, preset=args.preset, batch_size=args.batch_size,
-                             lr=args.lr)
+                             lr=args.lr, train_overrides=overrides)
     rows = []
     for name in ("formation_energy", "volume_per_atom", "band_gap", "magnetization"):
         r = res.get(name)
