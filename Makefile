@@ -27,6 +27,9 @@ test: venv
 bench: venv
 	$(PY) bench/coordinator.py
 	$(PY) bench/cache.py
+	$(PY) bench/ingest.py
+	$(PY) bench/train.py
+	$(PY) bench/learn_perov5.py
 
 clean:
 	rm -rf $(VENV) demo runs
