@@ -70,7 +70,7 @@ def run_learning_check(packed, out_dir, epochs: int = 300, model: dict | None = 
     from cgnn_dgl.predict import predict_packed
     from cgnn_dgl.split import formula_split
     from cgnn_dgl.train import Trainer
-    from cgnn_dgl.train_config import RunConfig
+    from cgnn_dgl.config import RunConfig
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

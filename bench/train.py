@@ -67,7 +67,7 @@ def run_one(preset: str, cache: Path, device: str, epochs: int, batch_size: int,
     from cgnn_dgl.cache import load_packed
     from cgnn_dgl.report import peak_rss_mb
     from cgnn_dgl.train import Trainer
-    from cgnn_dgl.train_config import RunConfig
+    from cgnn_dgl.config import RunConfig
 
     t0 = time.perf_counter()
     packed = load_packed(cache)

@@ -10,7 +10,7 @@ Writes into ``--out`` (default: the run folder)::
     training_curves.png       loss and validation MAE per epoch (from history.csv)
 
 Classification labels: insulator = DFT band gap > ``train.gap_threshold``; magnetic = DFT magnetization
-> ``train.mag_threshold`` (see :mod:`cgnn_dgl.train_config` for the defaults and why). The ROC score is
+> ``train.mag_threshold`` (see :mod:`cgnn_dgl.config` for the defaults and why). The ROC score is
 the regression prediction (or the classification head's probability when the model has one); the hard
 decision for accuracy/precision/recall is prediction > ``*_decision_threshold`` (probability > 0.5 for a
 classification head).
@@ -205,7 +205,7 @@ def evaluate_run(run_dir, cache: str | None = None, split: str = "test", out: st
     from cgnn_dgl.predict import load_model, predict_packed
     from cgnn_dgl.split import load_split
     from cgnn_dgl.train import BEST, CONFIG, HISTORY, SPLIT, load_cache, resolve_device, target_columns
-    from cgnn_dgl.train_config import load_run_config
+    from cgnn_dgl.config import load_run_config
 
     run_dir = Path(run_dir)
     if not (run_dir / BEST).is_file():
@@ -213,7 +213,7 @@ def evaluate_run(run_dir, cache: str | None = None, split: str = "test", out: st
     if split not in ("train", "val", "test"):
         raise UsageError(f"--split must be train, val or test (got {split!r})")
     cfg = load_run_config(run_dir / CONFIG, check_files=False) if (run_dir / CONFIG).is_file() else None
-    from cgnn_dgl.train_config import TrainConfig
+    from cgnn_dgl.config import TrainConfig
 
     train_cfg = cfg.train if cfg is not None else TrainConfig()
     dev = resolve_device(device)

@@ -47,7 +47,7 @@ from cgnn_dgl import TARGETS
 from cgnn_dgl import checkpoint as ckpt_mod
 from cgnn_dgl.errors import CgnnError, UsageError
 from cgnn_dgl.fileio import atomic_write_text
-from cgnn_dgl.train_config import RunConfig, TrainConfig, load_run_config
+from cgnn_dgl.config import RunConfig, TrainConfig, load_run_config
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from cgnn_dgl.errors import UsageError
-from cgnn_dgl.train_config import RunConfig, TrainConfig, apply_overrides, load_run_config
+from cgnn_dgl.config import RunConfig, TrainConfig, apply_overrides, load_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 
