@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -26,3 +28,20 @@ def shared() -> Path:
 def dev_corpus(shared) -> list[dict]:
     with open(shared / "reference" / "coordinator_dev.json") as fh:
         return json.load(fh)
+
+
+@contextmanager
+def readonly_mysql_user(admin_engine, database: str):
+    """A throw-away MySQL user with SELECT only on ``database``; yields (user, password), drops it after."""
+    user, password = f"cgnn_ro_{secrets.token_hex(3)}", "pw-" + secrets.token_hex(8)
+    hosts = ("127.0.0.1", "localhost")
+    with admin_engine.connect() as conn:
+        for host in hosts:
+            conn.exec_driver_sql(f"CREATE USER '{user}'@'{host}' IDENTIFIED BY '{password}'")
+            conn.exec_driver_sql(f"GRANT SELECT ON `{database}`.* TO '{user}'@'{host}'")
+    try:
+        yield user, password
+    finally:
+        with admin_engine.connect() as conn:
+            for host in hosts:
+                conn.exec_driver_sql(f"DROP USER IF EXISTS '{user}'@'{host}'")

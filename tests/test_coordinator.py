@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import pickle
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,8 +26,9 @@ from cgnn_dgl.coordinator import (
     radius_table,
 )
 from cgnn_dgl.structures import Crystal, StructureError
+from conftest import shared_dir
 
-SHARED = Path(os.environ.get("CGNN_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+SHARED = shared_dir()
 DEV_JSON = SHARED / "reference" / "coordinator_dev.json"
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import secrets
 
 import numpy as np
 import pytest
@@ -21,6 +20,7 @@ from ingest.db import (create_schema, make_engine, mysql_reachable, resolve_url,
                        temporary_mysql_database)
 from ingest.reader import OqmdReader
 from ingest.select import Filters
+from conftest import readonly_mysql_user
 
 MYSQL_SERVER = os.environ.get("CGNN_TEST_MYSQL", "mysql+pymysql://root@127.0.0.1:3306/")
 _mysql_down = mysql_reachable(MYSQL_SERVER)
@@ -445,29 +445,20 @@ def test_url_handling(monkeypatch, tmp_path):
 @needs_mysql
 @pytest.mark.parametrize("fixture_db", ["mariadb"], indirect=True)
 def test_read_only_user_and_no_password_leak(fixture_db, caplog):
-    user, password = f"cgnn_ro_{secrets.token_hex(3)}", "pw-" + secrets.token_hex(8)
-    dbname = fixture_db.url.database
     admin = sa.create_engine(make_engine(MYSQL_SERVER, must_exist=False).url, isolation_level="AUTOCOMMIT")
-    hosts = ("127.0.0.1", "localhost")
-    with admin.connect() as conn:
-        for host in hosts:
-            conn.exec_driver_sql(f"CREATE USER '{user}'@'{host}' IDENTIFIED BY '{password}'")
-            conn.exec_driver_sql(f"GRANT SELECT ON `{dbname}`.* TO '{user}'@'{host}'")
     try:
-        url = fixture_db.url.set(username=user, password=password)
-        ro = make_engine(url)
-        with ro.connect() as conn, pytest.raises(sa.exc.DBAPIError):
-            conn.exec_driver_sql("CREATE TABLE nope (x int)")  # really read-only
-        caplog.set_level(logging.DEBUG)
-        check_expected(read_all(ro, "reference"), EXPECTED_REFERENCE)
-        check_expected(read_all(ro, "canonical"), EXPECTED_CANONICAL)
-        assert password not in safe_url(ro.url)
-        assert password not in caplog.text
-        ro.dispose()
+        with readonly_mysql_user(admin, fixture_db.url.database) as (user, password):
+            url = fixture_db.url.set(username=user, password=password)
+            ro = make_engine(url)
+            with ro.connect() as conn, pytest.raises(sa.exc.DBAPIError):
+                conn.exec_driver_sql("CREATE TABLE nope (x int)")  # really read-only
+            caplog.set_level(logging.DEBUG)
+            check_expected(read_all(ro, "reference"), EXPECTED_REFERENCE)
+            check_expected(read_all(ro, "canonical"), EXPECTED_CANONICAL)
+            assert password not in safe_url(ro.url)
+            assert password not in caplog.text
+            ro.dispose()
     finally:
-        with admin.connect() as conn:
-            for host in hosts:
-                conn.exec_driver_sql(f"DROP USER IF EXISTS '{user}'@'{host}'")
         admin.dispose()
 
 

@@ -23,6 +23,7 @@ from cgnn_dgl.cache import merge_caches, read_shard_arrays
 from ingest.db import make_engine, mysql_reachable, safe_url, temporary_mysql_database
 from ingest.run import run_ingest
 from ingest.synth import synthesize
+from conftest import readonly_mysql_user
 
 REPO = Path(__file__).resolve().parents[1]
 MYSQL_SERVER = os.environ.get("CGNN_TEST_MYSQL", "mysql+pymysql://root@127.0.0.1:3306/")
@@ -222,31 +223,23 @@ def test_password_never_shown(synth_mariadb, tmp_path):
     r = _cgnn("ingest", "--db", url.render_as_string(hide_password=False), "--out", str(tmp_path / "x"))
     assert r.returncode == 1 and bogus not in r.stdout + r.stderr and "Traceback" not in r.stderr
     assert "***" in r.stderr
-    user, password = f"cgnn_ro_{secrets.token_hex(3)}", "pw-" + secrets.token_hex(8)
     admin = sa.create_engine(synth_mariadb.set(database=None), isolation_level="AUTOCOMMIT")
-    hosts = ("127.0.0.1", "localhost")
-    with admin.connect() as conn:
-        for host in hosts:
-            conn.exec_driver_sql(f"CREATE USER '{user}'@'{host}' IDENTIFIED BY '{password}'")
-            conn.exec_driver_sql(f"GRANT SELECT ON `{synth_mariadb.database}`.* TO '{user}'@'{host}'")
     try:
-        ro = synth_mariadb.set(username=user, password=None)
-        env = {**os.environ, "CGNN_DB_PASSWORD": password}
-        r = _cgnn("-v", "ingest", "--db", ro.render_as_string(), "--out", str(tmp_path / "ro"), "--workers", "2",
-                  "--max-id", "400", env=env)
-        assert r.returncode == 0, r.stderr
-        with_pw = _cgnn("ingest", "--db", synth_mariadb.set(username=user, password=password)
-                        .render_as_string(hide_password=False), "--out", str(tmp_path / "ro2"), "--max-id", "400")
-        assert with_pw.returncode == 0, with_pw.stderr
-        for out, root in ((r, tmp_path / "ro"), (with_pw, tmp_path / "ro2")):
-            assert password not in out.stdout + out.stderr
-            for f in root.rglob("*"):
-                if f.is_file() and f.suffix in (".json", ".csv", ".jsonl"):
-                    assert password not in f.read_text()
-        assert safe_url(synth_mariadb.set(username=user, password=password)) in \
-            json.loads((tmp_path / "ro2" / "manifest.json").read_text())["source"]["db"]
+        with readonly_mysql_user(admin, synth_mariadb.database) as (user, password):
+            ro = synth_mariadb.set(username=user, password=None)
+            env = {**os.environ, "CGNN_DB_PASSWORD": password}
+            r = _cgnn("-v", "ingest", "--db", ro.render_as_string(), "--out", str(tmp_path / "ro"), "--workers", "2",
+                      "--max-id", "400", env=env)
+            assert r.returncode == 0, r.stderr
+            with_pw = _cgnn("ingest", "--db", synth_mariadb.set(username=user, password=password)
+                            .render_as_string(hide_password=False), "--out", str(tmp_path / "ro2"), "--max-id", "400")
+            assert with_pw.returncode == 0, with_pw.stderr
+            for out, root in ((r, tmp_path / "ro"), (with_pw, tmp_path / "ro2")):
+                assert password not in out.stdout + out.stderr
+                for f in root.rglob("*"):
+                    if f.is_file() and f.suffix in (".json", ".csv", ".jsonl"):
+                        assert password not in f.read_text()
+            assert safe_url(synth_mariadb.set(username=user, password=password)) in \
+                json.loads((tmp_path / "ro2" / "manifest.json").read_text())["source"]["db"]
     finally:
-        with admin.connect() as conn:
-            for host in hosts:
-                conn.exec_driver_sql(f"DROP USER IF EXISTS '{user}'@'{host}'")
         admin.dispose()

@@ -4,8 +4,6 @@ on the shared dev set, batch of one, configuration handling."""
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +16,7 @@ import dgl
 from cgnn_dgl import TARGETS
 from cgnn_dgl.config import ModelConfig, dataclass_from_dict
 from cgnn_dgl.errors import CgnnError, UsageError
+from conftest import shared_dir
 from cgnn_dgl.graph import graph_from_neighbors
 from cgnn_dgl.graph_ops import GraphIndex
 from cgnn_dgl.model import (
@@ -29,7 +28,7 @@ from cgnn_dgl.model import (
     load_reference_state_dict,
 )
 
-SHARED = Path(os.environ.get("CGNN_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+SHARED = shared_dir()
 REFERENCE_PTH = SHARED / "reference" / "cgnn_oqmd_fe_benchmark.pth"
 DEV_JSON = SHARED / "reference" / "coordinator_dev.json"
 ONE = ("formation_energy",)
