@@ -61,6 +61,9 @@ _SCREEN_MARGIN = 1e-6
 _CHUNK_PAIR_IMAGES = 1 << 18
 
 
+PRUNINGS = ("exact", "kmeans")
+
+
 @dataclass(frozen=True)
 class CoordinatorParams:
     """The coordinator's three knobs (reference defaults)."""
@@ -68,6 +71,11 @@ class CoordinatorParams:
     radius_factor: float = 1.2
     cc_cutoff: float = 0.03
     max_rounds: int = 10
+    pruning: str = "exact"  # "exact" 1-D 2-means (default) | "kmeans": the reference's KMeans choices
+
+    def __post_init__(self) -> None:
+        if self.pruning not in PRUNINGS:
+            raise ValueError(f"pruning must be one of {PRUNINGS}, not {self.pruning!r}")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -412,7 +420,10 @@ def coordinate_packed(crystals: Iterable, params: CoordinatorParams = DEFAULT_PA
     del parts
     N = batch.frac.shape[0]
     # one pruning pass over the whole batch: candidates are grouped by centre, in centre order
-    keep = prune_candidates(x, np.bincount(centre, minlength=N), float(params.cc_cutoff), int(params.max_rounds))
+    prune = prune_candidates
+    if params.pruning == "kmeans":
+        from cgnn_dgl.kmeans_compat import prune_candidates_kmeans as prune
+    keep = prune(x, np.bincount(centre, minlength=N), float(params.cc_cutoff), int(params.max_rounds))
     counts = np.bincount(centre[keep], minlength=N)
     return errs, counts, nbr[keep]
 

@@ -151,7 +151,6 @@ def _items_from_inputs(inputs) -> list[BuildItem]:
 
 def _cmd_graphs(args) -> int:
     from cgnn_dgl.cache import read_manifest
-    from cgnn_dgl.coordinator import CoordinatorParams
     from cgnn_dgl.errors import UsageError
     from cgnn_dgl.report import print_table
 
@@ -161,7 +160,7 @@ def _cmd_graphs(args) -> int:
         raise UsageError(str(exc)) from None
     if not items:
         raise UsageError("no structure files found in the inputs (CIF, POSCAR/CONTCAR, *.vasp or a JSON list)")
-    params = CoordinatorParams(radius_factor=args.radius_factor, cc_cutoff=args.cc_cutoff, max_rounds=args.max_rounds)
+    params = coordinator_params(args)
     source = {"kind": "files", "inputs": [str(Path(p).resolve()) for p in args.inputs], "count": len(items)}
     if read_manifest(Path(args.out)) is not None and not args.overwrite:
         print(f"resuming the cache in {args.out}")
@@ -185,12 +184,23 @@ def _cmd_graphs(args) -> int:
 
 
 def add_coordinator_args(p) -> None:
-    from cgnn_dgl.coordinator import DEFAULT_PARAMS
+    from cgnn_dgl.coordinator import DEFAULT_PARAMS, PRUNINGS
 
     g = p.add_argument_group("coordinator (defaults are the reference CGNN's)")
     g.add_argument("--radius-factor", type=float, default=DEFAULT_PARAMS.radius_factor)
     g.add_argument("--cc-cutoff", type=float, default=DEFAULT_PARAMS.cc_cutoff)
     g.add_argument("--max-rounds", type=int, default=DEFAULT_PARAMS.max_rounds)
+    g.add_argument("--pruning", choices=PRUNINGS, default=DEFAULT_PARAMS.pruning,
+                   help="exact: optimal 1-D 2-means (default, fast); kmeans: reproduce the reference's "
+                        "scikit-learn KMeans choices bit for bit (about 10x slower)")
+
+
+def coordinator_params(args):
+    """CoordinatorParams from the flags of :func:`add_coordinator_args`."""
+    from cgnn_dgl.coordinator import CoordinatorParams
+
+    return CoordinatorParams(radius_factor=args.radius_factor, cc_cutoff=args.cc_cutoff,
+                             max_rounds=args.max_rounds, pruning=args.pruning)
 
 
 def register(sub) -> None:

@@ -123,15 +123,15 @@ def _gather_items(inputs, db: str | None, db_limit: int | None):
     return items, rejects
 
 
-def build_inputs(inputs, workers: int = 1, db: str | None = None, db_limit: int | None = None):
-    """(PackedGraphs of the good inputs, list of Reject) for prediction inputs."""
+def build_inputs(inputs, workers: int = 1, db: str | None = None, db_limit: int | None = None, params=None):
+    """(PackedGraphs of the good inputs, list of Reject) for prediction inputs (graphs built with ``params``)."""
     from cgnn_dgl.batching import PackedGraphs
     from cgnn_dgl.cache import Built, Reject
     from cgnn_dgl.pipeline import build_many
 
     items, rejects = _gather_items(inputs, db, db_limit)
     built = []
-    for res in build_many(items, workers=workers):
+    for res in build_many(items, workers=workers, params=params):
         if isinstance(res, Built):
             built.append(res)
         else:
@@ -186,9 +186,14 @@ def _cmd_predict(args) -> int:
 
     if not args.inputs and not args.db:
         raise UsageError("give structure files, folders or JSON lists (or --db URL)")
+    from cgnn_dgl.coordinator import CoordinatorParams
+
     device = resolve_device(args.device)
     model, config = load_model(args.model, args.arch, device)  # once, before any structure work
-    packed, rejects = build_inputs(args.inputs, workers=args.workers, db=args.db, db_limit=args.limit)
+    # official reference weights were trained on graphs pruned by scikit-learn's KMeans: rebuild those
+    pruning = args.pruning if args.pruning != "auto" else ("kmeans" if args.arch else "exact")
+    params = CoordinatorParams(pruning=pruning)
+    packed, rejects = build_inputs(args.inputs, workers=args.workers, db=args.db, db_limit=args.limit, params=params)
     out = Path(args.out)
     if len(packed):
         pred, prob = predict_packed(model, packed, batch_size=args.batch_size, device=device, backend=args.backend,
@@ -224,4 +229,7 @@ def register(sub) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--backend", default="auto", choices=["auto", "dgl", "torch"], help="graph-ops backend")
     p.add_argument("--workers", type=int, default=1, help="processes building graphs")
+    p.add_argument("--pruning", default="auto", choices=["auto", "exact", "kmeans"],
+                   help="neighbour pruning of the graphs: auto = kmeans (the reference's KMeans choices) with "
+                        "--arch reference weights, else exact (use the pruning the model's cache was built with)")
     p.set_defaults(func=_cmd_predict)

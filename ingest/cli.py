@@ -37,7 +37,7 @@ def _fraction(text: str) -> float:
 
 
 def _cmd_ingest(args) -> int:
-    from cgnn_dgl.coordinator import CoordinatorParams
+    from cgnn_dgl.pipeline import coordinator_params
     from cgnn_dgl.report import print_table
     from ingest.db import resolve_url, safe_url
     from ingest.run import parse_elements, parse_shard, run_ingest
@@ -47,7 +47,7 @@ def _cmd_ingest(args) -> int:
     elements = parse_elements(args.elements)
     if args.min_id is not None and args.max_id is not None and args.min_id > args.max_id:
         raise UsageError("--min-id is larger than --max-id")
-    params = CoordinatorParams(radius_factor=args.radius_factor, cc_cutoff=args.cc_cutoff, max_rounds=args.max_rounds)
+    params = coordinator_params(args)
     print(f"ingest {safe_url(url)} -> {args.out}  (selection {args.selection}, shard {shard[0]}/{shard[1]}, "
           f"{args.workers} worker{'s' if args.workers != 1 else ''})", flush=True)
     summary = run_ingest(url, args.out, selection=args.selection, workers=args.workers, shard_size=args.shard_size,

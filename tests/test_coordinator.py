@@ -334,7 +334,7 @@ def test_batch_errors_return_and_raise():
 
 def test_params_dataclass():
     assert DEFAULT_PARAMS == CoordinatorParams(1.2, 0.03, 10)
-    assert DEFAULT_PARAMS.as_dict() == {"radius_factor": 1.2, "cc_cutoff": 0.03, "max_rounds": 10}
+    assert DEFAULT_PARAMS.as_dict() == {"radius_factor": 1.2, "cc_cutoff": 0.03, "max_rounds": 10, "pruning": "exact"}
     with pytest.raises(Exception):
         DEFAULT_PARAMS.radius_factor = 2.0  # frozen
 
@@ -427,3 +427,45 @@ def test_prune_ties_and_small_lists():
     assert run([0.5, 0.5, 0.5, 0.9], [0.9, 0.9, 0.5]) == [[True] * 3 + [False], [False, False, True]]
     # several lists of different lengths in one call
     assert run([0.6, 0.7], [], [0.5], [0.7, 0.6, 0.6]) == [[True, False], [], [True], [False, True, True]]
+
+
+# ------------------------------------------------------------------------- KMeans-compatible pruning
+
+
+def test_kmeans_pruning_reproduces_every_reference_graph(dev_rows):
+    """pruning="kmeans" emulates the reference's scikit-learn KMeans(n_init=10, random_state=0): every
+    graph of the corpus must equal the reference's, in order, including those where the exact 2-means
+    finds a better split than KMeans did."""
+    rows = [r for r in dev_rows if r["error"] is None]
+    params = CoordinatorParams(pruning="kmeans")
+    results = coordinate_many([crystal_of(r) for r in rows], params)
+    mismatched = []
+    for row, (counts, nbr) in zip(rows, results):
+        ptr = np.concatenate([[0], np.cumsum(counts)])
+        got = [nbr[ptr[j]:ptr[j + 1]].tolist() for j in range(len(counts))]
+        if got != row["neighbors"]:
+            mismatched.append(row["name"])
+    assert mismatched == []
+    exact = coordinate_many([crystal_of(r) for r in rows])
+    differ = sum(not (np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])) for a, b in zip(exact, results))
+    assert 0 < differ <= 5  # the two prunings really are different algorithms, rarely apart
+
+
+def test_kmeans_pruning_agrees_with_exact_on_clear_gaps():
+    from cgnn_dgl.kmeans_compat import prune_candidates_kmeans
+
+    rng = np.random.default_rng(3)
+    lists = [np.concatenate([rng.uniform(0.40, 0.45, a), rng.uniform(0.80, 0.95, b)])
+             for a, b in rng.integers(1, 9, size=(200, 2))]
+    lists = [rng.permutation(v) for v in lists]
+    x = np.concatenate(lists)
+    counts = np.array([len(v) for v in lists])
+    km = prune_candidates_kmeans(x, counts, 0.03, 10)
+    ex = prune_candidates(x, counts, 0.03, 10)
+    assert np.array_equal(km, ex)
+    assert np.array_equal(km, x < 0.6) or km.sum() < (x < 0.6).sum()  # only the near cluster can survive
+
+
+def test_pruning_is_validated():
+    with pytest.raises(ValueError, match="pruning"):
+        CoordinatorParams(pruning="sklearn")
