@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from contextlib import contextmanager
 
 from cgnn_dgl.errors import CgnnError, UsageError
 
@@ -61,30 +62,37 @@ def _cmd_ingest(args) -> int:
     return 0
 
 
-def _cmd_db_init(args) -> int:
-    from ingest.db import create_schema, describe_error, make_engine, resolve_url, safe_url
+@contextmanager
+def _database(db_arg):
+    """(engine, url) for a ``db`` command; any driver error becomes one CgnnError line (password hidden)."""
+    from ingest.db import describe_error, make_engine, resolve_url
 
-    url = resolve_url(args.db)
+    url = resolve_url(db_arg)
     engine = make_engine(url, must_exist=False)
     try:
-        info = create_schema(engine)
+        yield engine, url
     except CgnnError:
         raise
     except Exception as exc:
         raise CgnnError(describe_error(exc, url)) from None
     finally:
         engine.dispose()
+
+
+def _cmd_db_init(args) -> int:
+    from ingest.db import create_schema, safe_url
+
+    with _database(args.db) as (engine, url):
+        info = create_schema(engine)
     print(f"{safe_url(url)}: OQMD schema ready ({info['tables']} tables, {info['elements_seeded']} elements seeded)")
     return 0
 
 
 def _cmd_db_synth(args) -> int:
     from cgnn_dgl.report import print_table, progress
-    from ingest.db import describe_error, make_engine, resolve_url, safe_url
+    from ingest.db import safe_url
     from ingest.synth import synthesize
 
-    url = resolve_url(args.db)
-    engine = make_engine(url, must_exist=False)
     bar = progress(total=args.entries, desc="synthetic entries", unit="entry")
     last = [0]
 
@@ -93,14 +101,10 @@ def _cmd_db_synth(args) -> int:
         last[0] = done
 
     try:
-        st = synthesize(engine, args.entries, seed=args.seed, bad_fraction=args.bad_fraction, progress=tick)
-    except CgnnError:
-        raise
-    except Exception as exc:
-        raise CgnnError(describe_error(exc, url)) from None
+        with _database(args.db) as (engine, url):
+            st = synthesize(engine, args.entries, seed=args.seed, bad_fraction=args.bad_fraction, progress=tick)
     finally:
         bar.close()
-        engine.dispose()
     rows = [("SYNTHETIC entries (not OQMD data)", st.entries),
             ("entry ids", f"{st.first_entry_id}..{st.last_entry_id}"),
             ("duplicates", st.duplicates), ("structures", st.structures), ("atoms", st.atoms),
