@@ -19,6 +19,7 @@ differs or whose parameters are stale are named, dropped and rebuilt alone.
 """
 from __future__ import annotations
 
+import bisect
 import csv
 import hashlib
 import json
@@ -248,7 +249,7 @@ class CacheWriter:
             self.manifest["coordinator"] = self.params
             self.manifest["complete"] = False
             self._save_manifest()
-        self._ranges = sorted((s["key_first"], s["key_last"]) for s in good)
+        self._set_ranges(good)
 
     @property
     def resume_key(self) -> int | None:
@@ -260,19 +261,29 @@ class CacheWriter:
         """Key ranges of shards dropped as corrupt or stale, to be rebuilt."""
         return sorted((s["key_first"], s["key_last"]) for s, _ in self.invalid)
 
+    def _set_ranges(self, shards: Sequence[dict]) -> None:
+        # finished key ranges never overlap, so sorted starts answer every query by bisection
+        # (these run once per input item: a linear scan would cost O(items x shards) on the full OQMD)
+        ranges = sorted((s["key_first"], s["key_last"]) for s in shards)
+        self._starts = [a for a, _ in ranges]
+        self._ends = [b for _, b in ranges]
+
     def covered(self, key: int) -> bool:
-        return any(a <= key <= b for a, b in self._ranges)
+        i = bisect.bisect_right(self._starts, key) - 1
+        return i >= 0 and key <= self._ends[i]
 
     def next_uncovered(self, key: int) -> int:
         """The smallest key >= ``key`` that no finished shard covers."""
-        for a, b in self._ranges:
-            if a <= key <= b:
-                key = b + 1
+        i = bisect.bisect_right(self._starts, key) - 1
+        while 0 <= i < len(self._starts) and self._starts[i] <= key <= self._ends[i]:
+            key = self._ends[i] + 1
+            i += 1
         return key
 
     def blocked_between(self, k1: int, k2: int) -> bool:
         """True when a finished shard starts strictly between two keys (a shard must not span it)."""
-        return any(k1 < a < k2 for a, _ in self._ranges)
+        i = bisect.bisect_right(self._starts, k1)
+        return i < len(self._starts) and self._starts[i] < k2
 
     # -- writing -----------------------------------------------------------------------------------
     def write_shard(self, built: Sequence[Built], rejects: Sequence[Reject], key_range: tuple[int, int]) -> dict:
@@ -319,7 +330,7 @@ class CacheWriter:
         self.manifest["next_index"] = index + 1
         self.shards.append(shard)
         self.shards.sort(key=lambda s: s["key_first"])
-        self._ranges = sorted((s["key_first"], s["key_last"]) for s in self.shards)
+        self._set_ranges(self.shards)
         self._save_manifest()
         return shard
 

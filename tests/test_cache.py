@@ -149,3 +149,12 @@ def test_iter_batches_cover_everything_once(records):
     sub = packed.subset([4, 2])
     assert sub.names == [packed.names[4], packed.names[2]]
     assert np.array_equal(sub.batch([0]).nodes["atom"].data["Z"].numpy(), packed.batch([4]).nodes["atom"].data["Z"].numpy())
+
+
+def test_key_range_queries(tmp_path):
+    writer = CacheWriter(tmp_path / "c", source=SOURCE, params=PARAMS)
+    writer._set_ranges([{"key_first": 1, "key_last": 5}, {"key_first": 6, "key_last": 9},
+                        {"key_first": 20, "key_last": 30}])
+    assert [k for k in range(0, 33) if writer.covered(k)] == list(range(1, 10)) + list(range(20, 31))
+    assert writer.next_uncovered(3) == 10 and writer.next_uncovered(12) == 12 and writer.next_uncovered(25) == 31
+    assert writer.blocked_between(10, 21) and not writer.blocked_between(10, 20) and not writer.blocked_between(20, 25)
