@@ -15,8 +15,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-STRUCTURE_SUFFIXES = (".cif", ".vasp", ".poscar")
-STRUCTURE_NAMES = ("POSCAR", "CONTCAR")
+STRUCTURE_SUFFIXES = (".cif", ".vasp", ".poscar", ".contcar", ".cif.gz", ".vasp.gz")
+STRUCTURE_NAMES = ("POSCAR", "CONTCAR")  # also POSCAR_xyz, CONTCAR.relax, ... (prefix match)
 
 
 class StructureError(ValueError):
@@ -101,7 +101,7 @@ def read_structure_file(path: str | os.PathLike) -> Crystal:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if path.suffix.lower() == ".cif":
+            if path.name.lower().endswith((".cif", ".cif.gz")):
                 from pymatgen.io.cif import CifParser
 
                 structs = CifParser(str(path)).parse_structures(primitive=False)
@@ -132,7 +132,8 @@ def crystals_from_json(path: str | os.PathLike) -> Iterator[Crystal | StructureE
 
 
 def is_structure_file(path: Path) -> bool:
-    return path.suffix.lower() in STRUCTURE_SUFFIXES or path.name.split(".")[0] in STRUCTURE_NAMES
+    name = path.name.lower()
+    return name.endswith(STRUCTURE_SUFFIXES) or name.startswith(tuple(n.lower() for n in STRUCTURE_NAMES))
 
 
 def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:

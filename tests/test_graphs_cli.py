@@ -55,6 +55,7 @@ def inputs(tmp_path, dev_corpus):
     (folder / "sub").mkdir(parents=True)
     (folder / "POSCAR").write_text(POSCAR_NACL)
     (folder / "sub" / "Cu.cif").write_text(CIF_CU)
+    (folder / "sub" / "POSCAR_mp-22862").write_text(POSCAR_NACL)  # POSCAR_* names are found in folders too
     (folder / "broken.cif").write_text("data_broken\nthis is not a CIF\n")
     (folder / "notes.txt").write_text("ignored: not a structure file")
     rows = [r for r in dev_corpus if r["error"] is None][:20] + [r for r in dev_corpus if r["error"]][:2]
@@ -70,7 +71,7 @@ def test_graphs_from_files_folders_and_json(tmp_path, inputs, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     packed = load_packed(tmp_path / "cache")
-    assert len(packed) == 2 + 20  # NaCl, Cu, 20 good JSON rows
+    assert len(packed) == 3 + 20  # NaCl twice, Cu, 20 good JSON rows
     with open(tmp_path / "cache" / "rejects.csv") as fh:
         rejects = list(csv.DictReader(fh))
     reasons = sorted(r["reason"] for r in rejects)
