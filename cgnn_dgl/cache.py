@@ -484,9 +484,36 @@ def merge_caches(inputs: Sequence, out) -> dict:
     return manifest["totals"]
 
 
+def export_json(root, out) -> int:
+    """Write a cache as a JSON list in the reference layout: {name, key, numbers, neighbors, targets}.
+
+    ``neighbors[j]`` lists the neighbour atoms of atom ``j`` in the reference's order, so the file can be
+    compared with the reference coordinator's output (or the official ``graph_data.npz``) directly.
+    """
+    packed = load_packed(root)
+    rows = []
+    for k in range(len(packed)):
+        a0, a1 = packed.node_ptr[k], packed.node_ptr[k + 1]
+        e0, e1 = packed.edge_ptr[k], packed.edge_ptr[k + 1]
+        counts = np.bincount(packed.bond_dst[e0:e1], minlength=int(a1 - a0))
+        nbr = packed.bond_src[e0:e1].tolist()
+        ptr = np.concatenate([[0], np.cumsum(counts)]).tolist()
+        y = {t: (float(packed.y[k, i]) if packed.y_mask[k, i] else None) for i, t in enumerate(TARGETS)}
+        rows.append({"name": packed.names[k], "key": int(packed.entry_id[k]),
+                     "numbers": packed.numbers[a0:a1].astype(int).tolist(),
+                     "neighbors": [nbr[ptr[j]:ptr[j + 1]] for j in range(len(counts))], "targets": y})
+    with atomic_open(out, "w") as fh:
+        json.dump(rows, fh)
+    return len(rows)
+
+
 def _cmd_cache(args) -> int:
     from cgnn_dgl.report import print_table
 
+    if args.cache_command == "export":
+        n = export_json(args.cache, args.out)
+        print(f"wrote {n} graphs (name, key, numbers, neighbors, targets) to {args.out}")
+        return 0
     if args.cache_command == "merge":
         totals = merge_caches(args.inputs, args.out)
         print_table("merged cache", [(k, v) for k, v in totals.items()])
@@ -522,4 +549,7 @@ def register(sub) -> None:
     merge = csub.add_parser("merge", help="join caches built with --shard i/N into one")
     merge.add_argument("inputs", nargs="+")
     merge.add_argument("--out", required=True)
+    exp = csub.add_parser("export", help="write the graphs as JSON in the reference layout (numbers, neighbors)")
+    exp.add_argument("cache")
+    exp.add_argument("--out", required=True, metavar="JSON")
     p.set_defaults(func=_cmd_cache)

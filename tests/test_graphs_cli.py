@@ -134,3 +134,16 @@ def test_kill_and_resume_gives_the_clean_cache(tmp_path, dev_corpus):
     assert final.wait(timeout=300) == 0, final.stderr.read()
     assert _digests(tmp_path / "resumed") == _digests(tmp_path / "clean")
     assert (tmp_path / "resumed" / "rejects.csv").read_text() == (tmp_path / "clean" / "rejects.csv").read_text()
+
+
+def test_export_gives_reference_neighbour_lists(tmp_path, dev_corpus):
+    rows = [r for r in dev_corpus if r["error"] is None][:200]
+    js = tmp_path / "in.json"
+    js.write_text(json.dumps(rows))
+    assert main(["graphs", str(js), "--out", str(tmp_path / "c"), "--workers", "1", "--pruning", "kmeans"]) == 0
+    assert main(["cache", "export", str(tmp_path / "c"), "--out", str(tmp_path / "out.json")]) == 0
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert [o["name"] for o in out] == [r["name"] for r in rows]
+    for o, r in zip(out, rows):
+        assert o["numbers"] == r["numbers"] and o["neighbors"] == r["neighbors"], r["name"]
+        assert set(o["targets"]) == {"formation_energy", "volume_per_atom", "band_gap", "magnetization"}
