@@ -273,10 +273,8 @@ def print_metrics(metrics: dict) -> None:
     print_table(f"{metrics['split']} split ({metrics['n']} crystals)", rows,
                 header=["target", "n", "MAE", "RMSE", "mean-predictor MAE", "unit"])
     if metrics["classification"]:
-        def f(v):
-            return float("nan") if v is None else v
-
-        rows = [(task, m["n"], m["positives"], f(m["accuracy"]), f(m["precision"]), f(m["recall"]), f(m["roc_auc"]))
+        rows = [(task, m["n"], m["positives"], num(m["accuracy"]), num(m["precision"]), num(m["recall"]),
+                 num(m["roc_auc"]))
                 for task, m in metrics["classification"].items()]
         print_table("classification", rows, header=["task", "n", "positives", "accuracy", "precision", "recall", "ROC AUC"])
 

@@ -256,25 +256,22 @@ def _sample(dev_rows, k=150):
     return [rows[i] for i in rng.choice(len(rows), size=k, replace=False)]
 
 
-def test_scale_invariance(dev_rows):
-    rows = _sample(dev_rows)
-    base = coordinate_many([crystal_of(r) for r in rows])
-    scaled = coordinate_many([Crystal(r["name"], np.asarray(r["lattice"]) * 1.37, r["numbers"], r["frac"])
-                              for r in rows])
-    diff = [r["name"] for r, a, b in zip(rows, base, scaled)
-            if multisets(as_lists(*a)) != multisets(as_lists(*b))]
-    assert not diff
-
-
-def test_rotation_invariance(dev_rows):
-    rows = _sample(dev_rows)
-    rng = np.random.default_rng(2)
-    q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
-    base = coordinate_many([crystal_of(r) for r in rows])
+_ROTATION, _ = np.linalg.qr(np.random.default_rng(2).normal(size=(3, 3)))
+LATTICE_TRANSFORMS = {
+    "scale": lambda lattice: lattice * 1.37,
     # rotating the Cartesian frame rotates every lattice row; fractional coordinates are unchanged
-    rotated = coordinate_many([Crystal(r["name"], np.asarray(r["lattice"]) @ q.T, r["numbers"], r["frac"])
-                               for r in rows])
-    diff = [r["name"] for r, a, b in zip(rows, base, rotated)
+    "rotation": lambda lattice: lattice @ _ROTATION.T,
+}
+
+
+@pytest.mark.parametrize("transform", sorted(LATTICE_TRANSFORMS))
+def test_scale_and_rotation_invariance(dev_rows, transform):
+    rows = _sample(dev_rows)
+    move = LATTICE_TRANSFORMS[transform]
+    base = coordinate_many([crystal_of(r) for r in rows])
+    moved = coordinate_many([Crystal(r["name"], move(np.asarray(r["lattice"])), r["numbers"], r["frac"])
+                             for r in rows])
+    diff = [r["name"] for r, a, b in zip(rows, base, moved)
             if multisets(as_lists(*a)) != multisets(as_lists(*b))]
     assert not diff
 

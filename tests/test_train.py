@@ -203,7 +203,7 @@ def test_training_writes_run_folder_and_is_deterministic(cache, tmp_path):
     from cgnn_dgl.train import train_run
 
     a = train_run(tiny_config(cache, tmp_path / "a"), tmp_path / "a")
-    b = train_run(tiny_config(cache, tmp_path / "b"), tmp_path / "b")
+    train_run(tiny_config(cache, tmp_path / "b"), tmp_path / "b")
     for f in ("config.yaml", "split.json", "last.pt", "best.pt", "history.csv"):
         assert (tmp_path / "a" / f).is_file(), f
     assert a["epochs"] == 3
