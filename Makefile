@@ -22,6 +22,7 @@ demo: venv
 	bash scripts/demo.sh
 
 test: venv
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q tests
 
 bench: venv

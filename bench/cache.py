@@ -22,11 +22,12 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import dgl  # noqa: E402
-from cgnn_dgl.batching import iter_batches  # noqa: E402
-from cgnn_dgl.cache import Built, CacheWriter, ShardStream, load_packed  # noqa: E402
-from cgnn_dgl.graph import graph_from_neighbors  # noqa: E402
-from cgnn_dgl.report import peak_rss_mb, print_table  # noqa: E402
+import dgl
+
+from cgnn_dgl.batching import iter_batches
+from cgnn_dgl.cache import Built, CacheWriter, ShardStream, load_packed
+from cgnn_dgl.graph import graph_from_neighbors
+from cgnn_dgl.report import peak_rss_mb, print_table
 
 OQMD = 561_888
 
@@ -88,7 +89,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     t = time.perf_counter()
     n_batched = 0
-    for idx, g in iter_batches(packed, np.arange(len(packed)), args.batch_size, shuffle=True, rng=rng):
+    for idx, _g in iter_batches(packed, np.arange(len(packed)), args.batch_size, shuffle=True, rng=rng):
         n_batched += len(idx)
     t_batch = time.perf_counter() - t
 

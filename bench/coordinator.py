@@ -30,8 +30,7 @@ from pathlib import Path  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cgnn_dgl.coordinator import (  # noqa: E402
-    DEFAULT_PARAMS, CoordinatorParams, coordinate_many, coordinate_packed, radius_table)
+from cgnn_dgl.coordinator import DEFAULT_PARAMS, CoordinatorParams, coordinate_many, coordinate_packed, radius_table  # noqa: E402
 from cgnn_dgl.structures import Crystal  # noqa: E402
 
 REFERENCE_PER_CORE = 23.0  # structures/s of Tony-Y/cgnn tools/mp_graph.py on one core

@@ -51,7 +51,7 @@ def run_ingest(url: str, out: Path, workers: int, extra: list[str]) -> dict:
             break
         peak_main, peak_tree = max(peak_main, main), max(peak_tree, tree)
         time.sleep(0.05)
-    stdout, stderr = proc.communicate()
+    _stdout, stderr = proc.communicate()
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"cgnn ingest failed ({proc.returncode}):\n{stderr[-2000:]}")

@@ -46,7 +46,7 @@ def read_perov5(csv_path, limit: int | None = None):
                 c = Crystal.from_pymatgen(s, name=name)
                 y = np.array([float(row["heat_ref"]), c.volume / c.n_atoms, float(row["ind_gap"]), np.nan])
                 items.append(BuildItem(k, c, y))
-            except Exception as exc:  # noqa: BLE001 - a bad row is skipped, not fatal
+            except Exception as exc:
                 items.append(BuildItem(k, StructureError("parse_error", f"{name}: {exc}")))
     return items
 
@@ -67,10 +67,10 @@ def run_learning_check(packed, out_dir, epochs: int = 300, model: dict | None = 
     import torch
 
     from cgnn_dgl import TARGETS
+    from cgnn_dgl.config import RunConfig
     from cgnn_dgl.predict import predict_packed
     from cgnn_dgl.split import formula_split
     from cgnn_dgl.train import Trainer
-    from cgnn_dgl.config import RunConfig
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

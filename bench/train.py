@@ -65,9 +65,9 @@ def run_one(preset: str, cache: Path, device: str, epochs: int, batch_size: int,
     import torch
 
     from cgnn_dgl.cache import load_packed
+    from cgnn_dgl.config import RunConfig
     from cgnn_dgl.report import peak_rss_mb
     from cgnn_dgl.train import Trainer
-    from cgnn_dgl.config import RunConfig
 
     t0 = time.perf_counter()
     packed = load_packed(cache)

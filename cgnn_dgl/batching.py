@@ -8,15 +8,15 @@ indexing. This keeps the data path far ahead of the training step (see ``bench/c
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
+import dgl
 import numpy as np
 import torch
 
 import cgnn_dgl  # noqa: F401
-import dgl
 from cgnn_dgl.graph import BOND, IN
 
 
@@ -64,7 +64,7 @@ class PackedGraphs:
 
     # -- construction ------------------------------------------------------------------------------
     @classmethod
-    def from_arrays(cls, numbers, n_atoms, n_bonds, bond_src, bond_dst, y, y_mask, entry_id, names) -> "PackedGraphs":
+    def from_arrays(cls, numbers, n_atoms, n_bonds, bond_src, bond_dst, y, y_mask, entry_id, names) -> PackedGraphs:
         node_ptr = np.zeros(len(n_atoms) + 1, dtype=np.int64)
         np.cumsum(n_atoms, out=node_ptr[1:])
         edge_ptr = np.zeros(len(n_bonds) + 1, dtype=np.int64)
@@ -74,7 +74,7 @@ class PackedGraphs:
                    np.asarray(entry_id, np.int64), list(names))
 
     @classmethod
-    def concatenate(cls, parts: Sequence["PackedGraphs"]) -> "PackedGraphs":
+    def concatenate(cls, parts: Sequence[PackedGraphs]) -> PackedGraphs:
         if not parts:
             return cls.from_arrays([], [], [], [], [], np.zeros((0, 4)), np.zeros((0, 4), bool), [], [])
         return cls.from_arrays(
@@ -90,7 +90,7 @@ class PackedGraphs:
         )
 
     @classmethod
-    def from_built(cls, built: Sequence) -> "PackedGraphs":
+    def from_built(cls, built: Sequence) -> PackedGraphs:
         """From :class:`cgnn_dgl.cache.Built` records (e.g. straight from the pipeline, no cache)."""
         counts = [b.counts for b in built]
         return cls.from_arrays(
@@ -106,7 +106,7 @@ class PackedGraphs:
         )
 
     @classmethod
-    def from_graphs(cls, graphs: Sequence[dgl.DGLHeteroGraph], names: Sequence[str] | None = None) -> "PackedGraphs":
+    def from_graphs(cls, graphs: Sequence[dgl.DGLHeteroGraph], names: Sequence[str] | None = None) -> PackedGraphs:
         """From single-crystal heterographs as made by :func:`cgnn_dgl.graph.crystal_graph`."""
         parts_src, parts_dst, nums, na, nb, ys, masks, ids = [], [], [], [], [], [], [], []
         for g in graphs:
@@ -128,7 +128,7 @@ class PackedGraphs:
                                np.stack(masks) if masks else np.zeros((0, 4), bool), ids, names)
 
     @classmethod
-    def from_cache(cls, root, *, verify: bool = True, progress: bool = False) -> "PackedGraphs":
+    def from_cache(cls, root, *, verify: bool = True, progress: bool = False) -> PackedGraphs:
         from cgnn_dgl.cache import check_shard, open_manifest, read_shard_arrays
         from cgnn_dgl.errors import CgnnError
         from cgnn_dgl.report import progress as bar
@@ -152,7 +152,7 @@ class PackedGraphs:
         return cls.concatenate(parts)
 
     # -- selection ---------------------------------------------------------------------------------
-    def subset(self, idx) -> "PackedGraphs":
+    def subset(self, idx) -> PackedGraphs:
         idx = np.asarray(idx, dtype=np.int64)
         na, nb = self.n_atoms[idx], self.n_bonds[idx]
         atoms = _ranges(self.node_ptr[idx], na)

@@ -28,15 +28,15 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
+import dgl
 import numpy as np
 import torch
 
 import cgnn_dgl
-import dgl
 from cgnn_dgl import TARGETS
 from cgnn_dgl.errors import CgnnError
 from cgnn_dgl.fileio import atomic_open, atomic_write_json, sha256_file

@@ -31,15 +31,17 @@ never exactly zero, so the decision thresholds on the *predicted* values are sep
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
 import re
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
@@ -273,7 +275,7 @@ class ModelConfig:
         return self.n_edge_net_layers > 0
 
     @classmethod
-    def preset(cls, name: str, **overrides) -> "ModelConfig":
+    def preset(cls, name: str, **overrides) -> ModelConfig:
         """A reference configuration (``benchmark``, ``no_edgenet``, ``complete``) with overrides.
 
         With ``targets=("formation_energy",)`` the parameter counts are those of the reference:
@@ -287,10 +289,10 @@ class ModelConfig:
         return dataclass_to_dict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "ModelConfig":
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelConfig:
         return dataclass_from_dict(cls, data)
 
-    def replace(self, **changes) -> "ModelConfig":
+    def replace(self, **changes) -> ModelConfig:
         return self.from_dict({**self.to_dict(), **changes})
 
 
@@ -425,15 +427,13 @@ class TrainConfig:
         return copy.deepcopy(asdict(self))
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         data = dict(data)
         # YAML reads 1e-3 as a string; accept numbers written that way for float fields.
         for f in fields(cls):
             if f.name in data and isinstance(data[f.name], str) and "float" in str(f.type):
-                try:
+                with contextlib.suppress(ValueError):
                     data[f.name] = float(data[f.name])
-                except ValueError:
-                    pass
         return dataclass_from_dict(cls, data)
 
 
@@ -446,7 +446,7 @@ class RunConfig:
         return {"model": self.model.to_dict(), "train": self.train.to_dict()}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], check_files: bool = True) -> "RunConfig":
+    def from_dict(cls, data: dict[str, Any], check_files: bool = True) -> RunConfig:
         if not isinstance(data, dict):
             raise UsageError("config must be a mapping with sections 'model' and 'train'")
         unknown = set(data) - {"model", "train"}

@@ -25,25 +25,25 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Iterable, Sequence
 
 import numpy as np
 
 from cgnn_dgl.structures import Crystal, StructureError, as_crystal
 
 __all__ = [
-    "CoordinatorParams",
     "DEFAULT_PARAMS",
+    "CoordinatorParams",
     "MissingRadiusError",
-    "radius_table",
-    "factor_vol",
     "candidates",
-    "prune_candidates",
+    "coordinate",
     "coordinate_csr",
     "coordinate_many",
     "coordinate_packed",
-    "coordinate",
+    "factor_vol",
+    "prune_candidates",
+    "radius_table",
 ]
 
 MIN_DISTANCE = 1e-8
@@ -410,7 +410,7 @@ def coordinate_packed(crystals: Iterable, params: CoordinatorParams = DEFAULT_PA
     if errors not in ("raise", "return"):
         raise ValueError(f"errors must be 'raise' or 'return', not {errors!r}")
     crystals = [as_crystal(c) for c in crystals]
-    errs, gidx, batch = _prepare(crystals, float(params.radius_factor), errors)
+    errs, _gidx, batch = _prepare(crystals, float(params.radius_factor), errors)
     if batch is None:
         return errs, np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
     parts = [batch.candidates(c0, c1) for c0, c1 in batch.chunks(_CHUNK_PAIR_IMAGES)]

@@ -202,10 +202,10 @@ def curves_plot(path: Path, history_csv: Path) -> bool:
 
 def evaluate_run(run_dir, cache: str | None = None, split: str = "test", out: str | None = None,
                  device: str = "cpu", batch_size: int | None = None, plots: bool = True) -> dict:
+    from cgnn_dgl.config import load_run_config
     from cgnn_dgl.predict import load_model, predict_packed
     from cgnn_dgl.split import load_split
     from cgnn_dgl.train import BEST, CONFIG, HISTORY, SPLIT, load_cache, resolve_device, target_columns
-    from cgnn_dgl.config import load_run_config
 
     run_dir = Path(run_dir)
     if not (run_dir / BEST).is_file():

@@ -9,14 +9,13 @@ Schema (docs/design.md):
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
+import dgl
 import numpy as np
 import torch
 
 import cgnn_dgl  # noqa: F401  (sets DGLBACKEND before dgl is imported)
-import dgl
-
 from cgnn_dgl import TARGETS
 
 BOND = ("atom", "bond", "atom")

@@ -49,7 +49,7 @@ Whole CGNN training steps at batch 512 (interleaved, median): benchmark 13.6k st
 ``auto`` keeps DGL on CPU."""
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def dgl_supports_device(device_type: str) -> bool:
     """Whether the installed DGL can run its kernels on a device type ("cpu", "cuda", ...).
 
@@ -65,7 +65,7 @@ def dgl_supports_device(device_type: str) -> bool:
         g = dgl.graph((torch.tensor([0]), torch.tensor([0])), num_nodes=1).to(torch.device("cuda"))
         dgl.ops.copy_u_sum(g, torch.ones(1, 1, device="cuda"))
         return True
-    except Exception:  # noqa: BLE001 - any failure means "no DGL CUDA kernels here"
+    except Exception:
         return False
 
 
@@ -104,7 +104,7 @@ class GraphIndex:
     _bond_graph: Any = field(default=None, repr=False)
     _in_graph: Any = field(default=None, repr=False)
     _in_edge_atom: Tensor | None = field(default=None, repr=False)
-    _compact: "GraphIndex | None" = field(default=None, repr=False)
+    _compact: GraphIndex | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -127,7 +127,7 @@ class GraphIndex:
     def n_bonds(self) -> int:
         return int(self.bond_src.shape[0])
 
-    def compact(self) -> "GraphIndex":
+    def compact(self) -> GraphIndex:
         """The same multigraph with each distinct (src, dst) pair once and its multiplicity in
         ``bond_weight`` (cached). :func:`sum_at_dst` / :func:`sum_src_at_dst` weight by it, so sums over
         the multiset are unchanged while per-bond work shrinks (small cells repeat neighbours a lot).
@@ -163,7 +163,7 @@ class GraphIndex:
         return self._compact
 
     @classmethod
-    def from_graph(cls, g, device: torch.device | str = "cpu", backend: str = "auto") -> "GraphIndex":
+    def from_graph(cls, g, device: torch.device | str = "cpu", backend: str = "auto") -> GraphIndex:
         """Index of a (batched) heterograph with the schema of :mod:`cgnn_dgl.graph`."""
         device = torch.device(device)
         backend = resolve_backend(backend, device)
@@ -202,7 +202,7 @@ class GraphIndex:
         n_crystals: int | None = None,
         device: torch.device | str = "cpu",
         backend: str = "torch",
-    ) -> "GraphIndex":
+    ) -> GraphIndex:
         """Index from plain arrays (global atom ids). ``backend="dgl"``/``"auto"`` builds the DGL graph."""
         device = torch.device(device)
         backend = resolve_backend(backend, device)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import resource
 import sys
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 
 def peak_rss_mb(children: bool = False) -> float:

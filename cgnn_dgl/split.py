@@ -17,8 +17,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -54,8 +54,8 @@ def formula_split(
     np.random.RandomState(seed).shuffle(multi)
     n = len(multi)
     n_test, n_val = int(test_fraction * n), int(val_fraction * n)
-    part_of = {f: "test" for f in multi[:n_test]}
-    part_of.update({f: "val" for f in multi[n_test:n_test + n_val]})
+    part_of = dict.fromkeys(multi[:n_test], "test")
+    part_of.update(dict.fromkeys(multi[n_test:n_test + n_val], "val"))
     which = np.array([part_of.get(f, "train") if ne > 1 else "train" for f, ne in zip(formulas, n_elements)],
                      dtype=object)
     return {part: np.flatnonzero(which == part).astype(np.int64) for part in PARTS}

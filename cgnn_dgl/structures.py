@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -68,7 +68,7 @@ class Crystal:
             raise StructureError("unknown_element", f"{self.name}: atomic number outside 1..118")
 
     @classmethod
-    def from_pymatgen(cls, structure, name: str = "") -> "Crystal":
+    def from_pymatgen(cls, structure, name: str = "") -> Crystal:
         if not structure.is_ordered:
             raise StructureError("disordered", f"{name}: partially occupied sites are not supported")
         return cls(

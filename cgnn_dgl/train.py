@@ -45,9 +45,9 @@ import torch
 
 from cgnn_dgl import TARGETS
 from cgnn_dgl import checkpoint as ckpt_mod
+from cgnn_dgl.config import RunConfig, TrainConfig, load_run_config
 from cgnn_dgl.errors import CgnnError, UsageError
 from cgnn_dgl.fileio import atomic_write_text
-from cgnn_dgl.config import RunConfig, TrainConfig, load_run_config
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class Dist:
         return self.rank == 0
 
     @classmethod
-    def from_env(cls) -> "Dist":
+    def from_env(cls) -> Dist:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
             return cls()

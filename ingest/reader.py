@@ -22,8 +22,8 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import numpy as np
 import sqlalchemy as sa
@@ -166,7 +166,7 @@ class OqmdReader:
     def pages(self, after: int | None = None) -> Iterator[list[Record]]:
         """Lists of records, one per page; ``after`` = resume after this key."""
         while True:
-            upto, rows, atoms = self._with_retry(lambda conn: self._fetch(conn, after), "page", after)
+            upto, rows, atoms = self._with_retry(lambda conn, after=after: self._fetch(conn, after), "page", after)
             if upto is None:
                 return
             self.pages_read += 1

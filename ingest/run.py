@@ -27,9 +27,9 @@ import math
 import sys
 import time
 from collections import Counter, deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from cgnn_dgl.errors import CgnnError, UsageError
 from cgnn_dgl.fileio import atomic_open, atomic_write_text

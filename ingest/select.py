@@ -36,8 +36,8 @@ never matches).
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import sqlalchemy as sa
 from sqlalchemy import and_, bindparam, case, exists, func, literal, or_, select

@@ -105,7 +105,7 @@ def _electronegativity(symbol: str) -> float:
 
     try:
         x = float(Element(symbol).X)
-    except Exception:  # noqa: BLE001 - unknown/odd symbols of bad rows
+    except Exception:
         return 1.5
     return x if math.isfinite(x) else 1.5
 
@@ -122,8 +122,9 @@ def synthetic_labels(symbols: list[str], rng: np.random.Generator) -> tuple[floa
 
 
 def _radius(symbol: str) -> float:
-    from cgnn_dgl.coordinator import radius_table
     from pymatgen.core.periodic_table import Element
+
+    from cgnn_dgl.coordinator import radius_table
 
     r = radius_table()[Element(symbol).Z]
     return 1.5 if not np.isfinite(r) else float(r)
@@ -190,7 +191,7 @@ class _Generator:
         self.bad_counter = 0
         self.radius = {s: _radius(s) for s in METALS + ANIONS + GROUP14 + ("At",)}
         self.compositions: set[str] = set()
-        self.stats = SynthSummary(bad={k: 0 for k in BAD_KINDS})
+        self.stats = SynthSummary(bad=dict.fromkeys(BAD_KINDS, 0))
 
     def _species(self, proto: str) -> dict[str, str]:
         rng = self.rng
@@ -238,7 +239,7 @@ class _Generator:
             self.canonical.append((eid, proto, formula, tuple(symbols), ""))
         st.entries += 1
 
-        spin = any(s in MAGNETIC for s in symbols) and rng.random() < 0.8 or rng.random() < 0.1
+        spin = (any(s in MAGNETIC for s in symbols) and rng.random() < 0.8) or rng.random() < 0.1
         legacy = rng.random() < 0.2
         lat_in = self._lattice(proto, symbols, 1.0)
         lat_rel = lat_in * rng.uniform(0.97, 1.03)
@@ -286,7 +287,7 @@ class _Generator:
                 band_gap = float(rng.uniform(0, 3)) if rng.random() < 0.5 else None
             rows["calculations"].append((
                 cid, label, label, eid, f"/synthetic/{self.seed}/{eid}/{label}", formula, natoms, s_input,
-                "{'encut': 520.0, 'ispin': %d, 'synthetic': True}" % ispin, s_output, energy_pa * natoms, energy_pa,
+                f"{{'encut': 520.0, 'ispin': {ispin}, 'synthetic': True}}", s_output, energy_pa * natoms, energy_pa,
                 magmom, None if magmom is None else magmom / natoms, band_gap, 1, int(rng.integers(1, 60)),
                 converged, float(rng.uniform(60, 36000))))
             st.calculations += 1

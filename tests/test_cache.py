@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import json
 
+import dgl
 import numpy as np
 import pytest
 import torch
 
-import dgl
 from cgnn_dgl.batching import PackedGraphs, iter_batches
 from cgnn_dgl.cache import Built, CacheMismatch, CacheWriter, Reject, ShardStream, load_packed, merge_caches
 from cgnn_dgl.errors import CgnnError
@@ -38,7 +38,7 @@ def records(dev_corpus):
 def _write(root, records, shard_size=32, stop_after=None, params=PARAMS, overwrite=False):
     writer = CacheWriter(root, source=SOURCE, params=params, shard_size=shard_size, overwrite=overwrite)
     stream = ShardStream(writer)
-    for n, rec in enumerate(r for r in records if not writer.covered(r.key)):
+    for _n, rec in enumerate(r for r in records if not writer.covered(r.key)):
         if stop_after is not None and stream.counts["shards"] >= stop_after:
             return writer  # "killed": no flush, no close
         stream.add(rec)
@@ -155,6 +155,6 @@ def test_key_range_queries(tmp_path):
     writer = CacheWriter(tmp_path / "c", source=SOURCE, params=PARAMS)
     writer._set_ranges([{"key_first": 1, "key_last": 5}, {"key_first": 6, "key_last": 9},
                         {"key_first": 20, "key_last": 30}])
-    assert [k for k in range(0, 33) if writer.covered(k)] == list(range(1, 10)) + list(range(20, 31))
+    assert [k for k in range(33) if writer.covered(k)] == list(range(1, 10)) + list(range(20, 31))
     assert writer.next_uncovered(3) == 10 and writer.next_uncovered(12) == 12 and writer.next_uncovered(25) == 31
     assert writer.blocked_between(10, 21) and not writer.blocked_between(10, 20) and not writer.blocked_between(20, 25)

@@ -5,6 +5,7 @@ from hand calculation (fcc Cu) or from an independent brute-force 2-means (all 2
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import pickle
@@ -12,6 +13,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from conftest import shared_dir
 
 from cgnn_dgl.coordinator import (
     DEFAULT_PARAMS,
@@ -26,7 +28,6 @@ from cgnn_dgl.coordinator import (
     radius_table,
 )
 from cgnn_dgl.structures import Crystal, StructureError
-from conftest import shared_dir
 
 SHARED = shared_dir()
 DEV_JSON = SHARED / "reference" / "coordinator_dev.json"
@@ -330,9 +331,9 @@ def test_batch_errors_return_and_raise():
 
 
 def test_params_dataclass():
-    assert DEFAULT_PARAMS == CoordinatorParams(1.2, 0.03, 10)
+    assert CoordinatorParams(1.2, 0.03, 10) == DEFAULT_PARAMS
     assert DEFAULT_PARAMS.as_dict() == {"radius_factor": 1.2, "cc_cutoff": 0.03, "max_rounds": 10, "pruning": "exact"}
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         DEFAULT_PARAMS.radius_factor = 2.0  # frozen
 
 

@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from cgnn_dgl.evaluate import binary_metrics, compute_metrics, regression_metrics, roc_auc
 from cgnn_dgl.config import TrainConfig
+from cgnn_dgl.evaluate import binary_metrics, compute_metrics, regression_metrics, roc_auc
 
 
 def test_roc_auc_hand_example_with_ties():

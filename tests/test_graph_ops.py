@@ -2,13 +2,12 @@
 crystal heterographs with isolated atoms, multi-edges and self-loops, and both match plain loops."""
 from __future__ import annotations
 
+import dgl
 import numpy as np
 import pytest
 import torch
 
 import cgnn_dgl  # noqa: F401
-import dgl
-
 from cgnn_dgl import graph_ops as go
 from cgnn_dgl.graph import graph_from_neighbors
 from cgnn_dgl.graph_ops import GraphIndex
@@ -168,7 +167,7 @@ def test_compact_index_preserves_multiset_sums(batch, backend):
 
 
 def test_from_arrays_matches_from_graph(batch):
-    g, gd, gt = batch
+    _g, gd, gt = batch
     for backend in ("torch", "dgl"):
         ga = GraphIndex.from_arrays(gt.bond_src, gt.bond_dst, gt.atom_crystal, n_crystals=gt.n_crystals, backend=backend)
         assert ga.backend == backend

@@ -14,13 +14,12 @@ import os
 import numpy as np
 import pytest
 import sqlalchemy as sa
+from conftest import readonly_mysql_user
 
 from ingest import tables as T
-from ingest.db import (create_schema, make_engine, mysql_reachable, resolve_url, safe_url,
-                       temporary_mysql_database)
+from ingest.db import create_schema, make_engine, mysql_reachable, resolve_url, safe_url, temporary_mysql_database
 from ingest.reader import OqmdReader
 from ingest.select import Filters
-from conftest import readonly_mysql_user
 
 MYSQL_SERVER = os.environ.get("CGNN_TEST_MYSQL", "mysql+pymysql://root@127.0.0.1:3306/")
 _mysql_down = mysql_reachable(MYSQL_SERVER)
@@ -61,7 +60,7 @@ class Fixture:
         lat = np.asarray(lattice, dtype=float)
         row = dict(id=sid, entry_id=eid, label=label, measured=False, natoms=len(atoms),
                    volume=abs(np.linalg.det(lat)) if volume is None else volume,
-                   **{k: 0.0 for k in ("sxx", "syy", "szz", "sxy", "syz", "szx")})
+                   **dict.fromkeys(("sxx", "syy", "szz", "sxy", "syz", "szx"), 0.0))
         for r, name in enumerate("xyz"):
             for col in range(3):
                 row[f"{name}{col + 1}"] = float(lat[r, col])
@@ -75,7 +74,7 @@ class Fixture:
         self.rows["calculations"].append(dict(id=cid, entry_id=eid, label=label, configuration=label,
                                               output_id=output, input_id=input_id, converged=converged,
                                               band_gap=band_gap, magmom=magmom, natoms=natoms,
-                                              settings="{'encut': 520.0, 'ispin': %d}" % (1 if magmom is None else 2)))
+                                              settings=f"{{'encut': 520.0, 'ispin': {1 if magmom is None else 2}}}"))
 
     def fe(self, fid, cid, eid, fit, delta_e):
         self.rows["formation_energies"].append(dict(id=fid, calculation_id=cid, entry_id=eid, fit_id=fit,

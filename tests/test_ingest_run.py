@@ -18,12 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import readonly_mysql_user
 
 from cgnn_dgl.cache import merge_caches, read_shard_arrays
 from ingest.db import make_engine, mysql_reachable, safe_url, temporary_mysql_database
 from ingest.run import run_ingest
 from ingest.synth import synthesize
-from conftest import readonly_mysql_user
 
 REPO = Path(__file__).resolve().parents[1]
 MYSQL_SERVER = os.environ.get("CGNN_TEST_MYSQL", "mysql+pymysql://root@127.0.0.1:3306/")
@@ -81,10 +81,10 @@ def test_ingest_sqlite_workers_identical_and_rejects(synth_sqlite, tmp_path):
     assert cache_content(tmp_path / "w1") == cache_content(tmp_path / "w2")
     assert s1.entries_read == s2.entries_read == s1.graphs_written + sum(s1.rejects.values())
     assert set(s1.rejects) == {"no_atoms", "unknown_element", "singular_lattice", "nan_target", "no_radius"}
-    rows = list(csv.DictReader(open(tmp_path / "w1" / "rejects.csv")))
+    rows = list(csv.DictReader((tmp_path / "w1" / "rejects.csv").open()))
     assert len(rows) == sum(s1.rejects.values())
     assert all(r["name"].startswith("synthetic-") for r in rows)
-    flags = list(csv.DictReader(open(tmp_path / "w1" / "ingest_flags.csv")))
+    flags = list(csv.DictReader((tmp_path / "w1" / "ingest_flags.csv").open()))
     graphs = by_key(tmp_path / "w1")
     built_flags = [f for f in flags if int(f["key"]) in graphs]
     assert len(built_flags) == len(graphs) == s1.graphs_written
@@ -158,7 +158,7 @@ def test_sigkill_resume_equals_clean_run(tmp_path):
     out = tmp_path / "killed"
     rng = random.Random(2024)
     kills = 0
-    for attempt in range(12):
+    for _attempt in range(12):
         proc = subprocess.Popen([sys.executable, "-m", "cgnn_dgl.cli", *args, "--out", str(out)], cwd=REPO,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if kills < 3:

@@ -4,19 +4,19 @@ on the shared dev set, batch of one, configuration handling."""
 from __future__ import annotations
 
 import json
+import re
 
+import dgl
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import shared_dir
 
 import cgnn_dgl  # noqa: F401
-import dgl
-
 from cgnn_dgl import TARGETS
 from cgnn_dgl.config import ModelConfig, dataclass_from_dict
 from cgnn_dgl.errors import CgnnError, UsageError
-from conftest import shared_dir
 from cgnn_dgl.graph import graph_from_neighbors
 from cgnn_dgl.graph_ops import GraphIndex
 from cgnn_dgl.model import (
@@ -41,7 +41,7 @@ ONE = ("formation_energy",)
 def small_batch(seed: int = 0, n_crystals: int = 6):
     rng = np.random.default_rng(seed)
     graphs = []
-    for k in range(n_crystals):
+    for _k in range(n_crystals):
         n = int(rng.integers(1, 7))
         neighbors = []
         for i in range(n):
@@ -278,15 +278,15 @@ def test_benchmark_keys_and_shapes_equal_reference(reference_state):
 
 @needs_reference
 def test_reference_loading_fails_loudly(reference_state):
-    with pytest.raises(CgnnError, match="missing key convs.0.postconv_network"):
+    with pytest.raises(CgnnError, match=re.escape("missing key convs.0.postconv_network")):
         load_reference_state_dict(CGNN(ModelConfig.preset("no_edgenet", targets=ONE)), reference_state)
-    with pytest.raises(CgnnError, match="shape of regression.linear.weight"):
+    with pytest.raises(CgnnError, match=re.escape("shape of regression.linear.weight")):
         load_reference_state_dict(CGNN(ModelConfig.preset("benchmark")), reference_state)
     extra = dict(reference_state, **{"convs.9.linear.weight": torch.zeros(1)})
-    with pytest.raises(CgnnError, match="unexpected key convs.9.linear.weight"):
+    with pytest.raises(CgnnError, match=re.escape("unexpected key convs.9.linear.weight")):
         load_reference_state_dict(CGNN(ModelConfig.preset("benchmark", targets=ONE)), extra)
     missing = {k: v for k, v in reference_state.items() if k != "fcs.1.activation.0.running_var"}
-    with pytest.raises(CgnnError, match="missing key fcs.1.activation.0.running_var"):
+    with pytest.raises(CgnnError, match=re.escape("missing key fcs.1.activation.0.running_var")):
         load_reference_state_dict(CGNN(ModelConfig.preset("benchmark", targets=ONE)), missing)
     assert detect_reference_preset(reference_state) == "benchmark"
 

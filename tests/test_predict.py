@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from test_train import tiny_config, usable_rows, write_cache
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,10 +101,10 @@ def test_plain_state_dict_needs_arch(shared, tmp_path):
 
 
 def test_checkpoint_with_pickled_objects_is_refused(tmp_path):
+    import fractions
+
     from cgnn_dgl.errors import CgnnError
     from cgnn_dgl.predict import load_model
-
-    import fractions
 
     torch.save({"format": "cgnn-dgl-checkpoint", "x": fractions.Fraction(1, 3)}, tmp_path / "evil.pt")
     with pytest.raises(CgnnError, match="cannot load checkpoint"):

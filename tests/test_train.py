@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from cgnn_dgl.errors import UsageError
 from cgnn_dgl.config import RunConfig, TrainConfig, apply_overrides, load_run_config
+from cgnn_dgl.errors import UsageError
 
 REPO = Path(__file__).resolve().parents[1]
 

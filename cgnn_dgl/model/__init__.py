@@ -20,9 +20,9 @@ from cgnn_dgl.model.species import SPECIES_Z, UnsupportedSpeciesError, species_i
 __all__ = [
     "CGNN",
     "CLASS_NAMES",
-    "ModelConfig",
     "SPECIES_Z",
     "SSP",
+    "ModelConfig",
     "UnsupportedSpeciesError",
     "detect_reference_preset",
     "get_activation",

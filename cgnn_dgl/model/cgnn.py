@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 from torch import Tensor, nn
@@ -168,7 +168,7 @@ class CGNN(nn.Module):
     # -- reference weights --------------------------------------------------------------------------
 
     @classmethod
-    def from_reference(cls, state_dict_or_path, preset: str | None = None, **overrides) -> "CGNN":
+    def from_reference(cls, state_dict_or_path, preset: str | None = None, **overrides) -> CGNN:
         """A single-target (formation energy by default) model with reference weights. ``preset`` is
         detected from the keys and shapes when not given."""
         sd = read_reference_state_dict(state_dict_or_path)
@@ -233,6 +233,6 @@ def load_reference_state_dict(model: CGNN, state_dict) -> CGNN:
         shown = "; ".join(problems[:8]) + (f"; ... ({len(problems)} in all)" if len(problems) > 8 else "")
         raise CgnnError(f"reference weights do not fit this model configuration: {shown}")
     merged = model.state_dict()
-    merged.update({k: v for k, v in sd.items()})
+    merged.update(dict(sd.items()))
     model.load_state_dict(merged, strict=True)
     return model

@@ -14,7 +14,7 @@ class UnsupportedSpeciesError(CgnnError, ValueError):
     """An atomic number outside the 89 species the model was trained on (e.g. Po..Ac, Z=84..88)."""
 
     def __init__(self, elements: list[int]):
-        self.elements = sorted(set(int(z) for z in elements))
+        self.elements = sorted({int(z) for z in elements})
         super().__init__(
             f"unsupported element(s) Z={self.elements}: the CGNN embedding covers Z=1-83 and 89-94 only"
         )
