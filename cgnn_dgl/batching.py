@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import dgl
 import numpy as np
 import torch
 
-import cgnn_dgl  # noqa: F401
+from cgnn_dgl import TARGETS, default_units
 from cgnn_dgl.graph import BOND, IN
 
 
@@ -40,10 +40,18 @@ class PackedGraphs:
     bond_src: np.ndarray  # (B,) int32 neighbour, local to its crystal
     bond_dst: np.ndarray  # (B,) int32 centre, local to its crystal
     edge_ptr: np.ndarray  # (K+1,) int64 offsets into bonds
-    y: np.ndarray  # (K, 4) float64
-    y_mask: np.ndarray  # (K, 4) bool
+    y: np.ndarray  # (K, T) float64, columns in the order of ``targets``
+    y_mask: np.ndarray  # (K, T) bool
     entry_id: np.ndarray  # (K,) int64 keys (OQMD entry id or input index)
     names: list[str]
+    targets: tuple[str, ...] = TARGETS  # the names of the y columns, as the cache's manifest records them
+    units: dict[str, str] = field(default_factory=dict)  # unit per target ("" when unknown)
+
+    def __post_init__(self) -> None:
+        self.targets = tuple(self.targets)
+        self.units = {**default_units(self.targets), **self.units}
+        if self.y.ndim != 2 or self.y.shape[1] != len(self.targets):
+            raise ValueError(f"y has shape {self.y.shape}, expected (K, {len(self.targets)}) for {self.targets}")
 
     def __len__(self) -> int:
         return int(self.entry_id.shape[0])
@@ -64,19 +72,27 @@ class PackedGraphs:
 
     # -- construction ------------------------------------------------------------------------------
     @classmethod
-    def from_arrays(cls, numbers, n_atoms, n_bonds, bond_src, bond_dst, y, y_mask, entry_id, names) -> PackedGraphs:
+    def from_arrays(cls, numbers, n_atoms, n_bonds, bond_src, bond_dst, y, y_mask, entry_id, names,
+                    targets: Sequence[str] = TARGETS, units: dict[str, str] | None = None) -> PackedGraphs:
         node_ptr = np.zeros(len(n_atoms) + 1, dtype=np.int64)
         np.cumsum(n_atoms, out=node_ptr[1:])
         edge_ptr = np.zeros(len(n_bonds) + 1, dtype=np.int64)
         np.cumsum(n_bonds, out=edge_ptr[1:])
         return cls(np.asarray(numbers, np.uint8), node_ptr, np.asarray(bond_src, np.int32),
                    np.asarray(bond_dst, np.int32), edge_ptr, np.asarray(y, np.float64), np.asarray(y_mask, bool),
-                   np.asarray(entry_id, np.int64), list(names))
+                   np.asarray(entry_id, np.int64), list(names), tuple(targets), dict(units or {}))
 
     @classmethod
-    def concatenate(cls, parts: Sequence[PackedGraphs]) -> PackedGraphs:
+    def concatenate(cls, parts: Sequence[PackedGraphs], targets: Sequence[str] | None = None,
+                    units: dict[str, str] | None = None) -> PackedGraphs:
+        """Join packed sets that share one target layout (``targets`` names it when ``parts`` is empty)."""
+        targets = tuple(targets) if targets is not None else (parts[0].targets if parts else TARGETS)
+        units = units if units is not None else (parts[0].units if parts else None)
+        if any(p.targets != targets for p in parts):
+            raise ValueError(f"cannot join graphs with different targets: {sorted({p.targets for p in parts})}")
         if not parts:
-            return cls.from_arrays([], [], [], [], [], np.zeros((0, 4)), np.zeros((0, 4), bool), [], [])
+            n = len(targets)
+            return cls.from_arrays([], [], [], [], [], np.zeros((0, n)), np.zeros((0, n), bool), [], [], targets, units)
         return cls.from_arrays(
             np.concatenate([p.numbers for p in parts]),
             np.concatenate([p.n_atoms for p in parts]),
@@ -87,26 +103,33 @@ class PackedGraphs:
             np.concatenate([p.y_mask for p in parts]),
             np.concatenate([p.entry_id for p in parts]),
             [n for p in parts for n in p.names],
+            targets,
+            units,
         )
 
     @classmethod
-    def from_built(cls, built: Sequence) -> PackedGraphs:
+    def from_built(cls, built: Sequence, targets: Sequence[str] = TARGETS,
+                   units: dict[str, str] | None = None) -> PackedGraphs:
         """From :class:`cgnn_dgl.cache.Built` records (e.g. straight from the pipeline, no cache)."""
         counts = [b.counts for b in built]
+        n = len(tuple(targets))
         return cls.from_arrays(
             np.concatenate([b.numbers for b in built]) if built else [],
             [len(b.numbers) for b in built],
             [len(b.nbr) for b in built],
             np.concatenate([b.nbr for b in built]) if built else [],
             np.concatenate([np.repeat(np.arange(len(c)), c) for c in counts]) if built else [],
-            np.stack([b.y for b in built]) if built else np.zeros((0, 4)),
-            np.stack([b.y_mask for b in built]) if built else np.zeros((0, 4), bool),
+            np.stack([b.y for b in built]) if built else np.zeros((0, n)),
+            np.stack([b.y_mask for b in built]) if built else np.zeros((0, n), bool),
             [b.key for b in built],
             [b.name for b in built],
+            targets,
+            units,
         )
 
     @classmethod
-    def from_graphs(cls, graphs: Sequence[dgl.DGLHeteroGraph], names: Sequence[str] | None = None) -> PackedGraphs:
+    def from_graphs(cls, graphs: Sequence[dgl.DGLHeteroGraph], names: Sequence[str] | None = None,
+                    targets: Sequence[str] = TARGETS) -> PackedGraphs:
         """From single-crystal heterographs as made by :func:`cgnn_dgl.graph.crystal_graph`."""
         parts_src, parts_dst, nums, na, nb, ys, masks, ids = [], [], [], [], [], [], [], []
         for g in graphs:
@@ -124,8 +147,8 @@ class PackedGraphs:
         return cls.from_arrays(np.concatenate(nums) if nums else [], na, nb,
                                np.concatenate(parts_src) if parts_src else [],
                                np.concatenate(parts_dst) if parts_dst else [],
-                               np.stack(ys) if ys else np.zeros((0, 4)),
-                               np.stack(masks) if masks else np.zeros((0, 4), bool), ids, names)
+                               np.stack(ys) if ys else np.zeros((0, len(targets))),
+                               np.stack(masks) if masks else np.zeros((0, len(targets)), bool), ids, names, targets)
 
     @classmethod
     def from_cache(cls, root, *, verify: bool = True, progress: bool = False) -> PackedGraphs:
@@ -137,6 +160,8 @@ class PackedGraphs:
         manifest = open_manifest(root)
         if not manifest.get("complete"):
             raise CgnnError(f"{root}: the cache build did not finish; run the same build command again to resume")
+        targets = tuple(manifest.get("targets", TARGETS))  # caches before the task layer hold the OQMD four
+        units = {**default_units(targets), **manifest.get("units", {})}
         parts = []
         for shard in bar(manifest["shards"], desc="loading cache", unit="shard", disable=not progress or None):
             if verify:
@@ -148,8 +173,8 @@ class PackedGraphs:
             with open(root / shard["meta"]) as fh:
                 names = json.load(fh)["names"]
             parts.append(cls.from_arrays(a["numbers"], a["n_atoms"], a["n_bonds"], a["bond_src"], a["bond_dst"],
-                                         a["y"], a["y_mask"], a["entry_id"], names))
-        return cls.concatenate(parts)
+                                         a["y"], a["y_mask"], a["entry_id"], names, targets, units))
+        return cls.concatenate(parts, targets, units)
 
     # -- selection ---------------------------------------------------------------------------------
     def subset(self, idx) -> PackedGraphs:
@@ -159,7 +184,7 @@ class PackedGraphs:
         bonds = _ranges(self.edge_ptr[idx], nb)
         return PackedGraphs.from_arrays(self.numbers[atoms], na, nb, self.bond_src[bonds], self.bond_dst[bonds],
                                         self.y[idx], self.y_mask[idx], self.entry_id[idx],
-                                        [self.names[i] for i in idx])
+                                        [self.names[i] for i in idx], self.targets, self.units)
 
     def batch(self, idx) -> dgl.DGLHeteroGraph:
         """One batched heterograph for crystals ``idx`` (schema of ``graph.py``), built from arrays."""

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 import cgnn_dgl
-from cgnn_dgl import TARGETS
+from cgnn_dgl import TARGETS, default_units
 from cgnn_dgl.errors import CgnnError
 from cgnn_dgl.fileio import atomic_open, atomic_write_json, sha256_file
 from cgnn_dgl.graph import BOND, IN
@@ -63,8 +63,8 @@ class Built:
     numbers: np.ndarray  # (n,) atomic numbers
     counts: np.ndarray  # (n,) neighbours per centre atom
     nbr: np.ndarray  # (sum counts,) neighbour index per bond, centre-major, reference order
-    y: np.ndarray  # (4,) float64, 0 where missing
-    y_mask: np.ndarray  # (4,) bool
+    y: np.ndarray  # (T,) float64 in the cache's target order, 0 where missing
+    y_mask: np.ndarray  # (T,) bool
     flags: dict = field(default_factory=dict)
 
 
@@ -80,7 +80,7 @@ class Reject:
 # shard encoding
 
 
-def pack_graph(built: Sequence[Built]) -> tuple[dgl.DGLHeteroGraph, dict[str, torch.Tensor]]:
+def pack_graph(built: Sequence[Built], n_targets: int = len(TARGETS)) -> tuple[dgl.DGLHeteroGraph, dict[str, torch.Tensor]]:
     """Stack many crystals into one heterograph (int32 ids) with per-crystal counts as labels."""
     k = len(built)
     n_atoms = np.fromiter((len(b.numbers) for b in built), dtype=np.int64, count=k)
@@ -97,7 +97,7 @@ def pack_graph(built: Sequence[Built]) -> tuple[dgl.DGLHeteroGraph, dict[str, to
         mask = np.stack([b.y_mask for b in built]).astype(np.uint8)
     else:
         z = src = dst = np.zeros(0, np.int64)
-        y, mask = np.zeros((0, len(TARGETS))), np.zeros((0, len(TARGETS)), np.uint8)
+        y, mask = np.zeros((0, n_targets)), np.zeros((0, n_targets), np.uint8)
     keys = np.fromiter((b.key for b in built), dtype=np.int64, count=k)
     g = dgl.heterograph(
         {
@@ -187,8 +187,11 @@ def check_shard(root: Path, shard: dict, expected: dict | None = None) -> str | 
 class CacheWriter:
     """Appends shards to a cache folder atomically and tells builders which keys are already done."""
 
-    def __init__(self, root, *, source: dict, params, shard_size: int = DEFAULT_SHARD_SIZE, overwrite: bool = False):
+    def __init__(self, root, *, source: dict, params, shard_size: int = DEFAULT_SHARD_SIZE, overwrite: bool = False,
+                 targets: Sequence[str] = TARGETS, units: dict[str, str] | None = None):
         self.root = Path(root)
+        self.targets = tuple(str(t) for t in targets)
+        self.units = {**default_units(self.targets), **(units or {})}
         self.shard_size = int(shard_size)
         self.params = params.as_dict() if hasattr(params, "as_dict") else dict(params)
         self.source = dict(source)
@@ -204,7 +207,8 @@ class CacheWriter:
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "source": self.source,
                 "coordinator": self.params,
-                "targets": list(TARGETS),
+                "targets": list(self.targets),
+                "units": dict(self.units),
                 "shard_size": self.shard_size,
                 "next_index": 0,
                 "complete": False,
@@ -216,6 +220,13 @@ class CacheWriter:
                     f"{self.root} was built from another source ({manifest.get('source')}); "
                     "use a new --out folder or --overwrite"
                 )
+            held = tuple(manifest.get("targets", TARGETS))
+            if held != self.targets:
+                raise CacheMismatch(
+                    f"{self.root} holds the targets {', '.join(held)}, not {', '.join(self.targets)}; "
+                    "use a new --out folder or --overwrite"
+                )
+            self.units = {**default_units(held), **manifest.get("units", {})}
             self.shard_size = int(manifest.get("shard_size", self.shard_size))
         self.manifest = manifest
         self._validate_existing()
@@ -291,7 +302,7 @@ class CacheWriter:
         name = _shard_name(index)
         bin_path = self.root / "shards" / f"{name}.bin"
         meta_path = self.root / "shards" / f"{name}.json"
-        g, labels = pack_graph(built)
+        g, labels = pack_graph(built, len(self.targets))
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=bin_path.parent)
         os.close(fd)
         try:
@@ -449,6 +460,9 @@ def merge_caches(inputs: Sequence, out) -> dict:
     coords = {json.dumps(m["coordinator"], sort_keys=True) for _, m in manifests}
     if len(coords) > 1:
         raise CacheMismatch("caches were built with different coordinator parameters; cannot merge")
+    held = {tuple(m.get("targets", TARGETS)) for _, m in manifests}
+    if len(held) > 1:
+        raise CacheMismatch(f"caches hold different targets ({'; '.join(', '.join(t) for t in sorted(held))}); cannot merge")
     for p, m in manifests:
         if not m.get("complete"):
             raise CgnnError(f"{p}: cache is incomplete; finish its build (run the same command again) before merging")
@@ -498,7 +512,7 @@ def export_json(root, out) -> int:
         counts = np.bincount(packed.bond_dst[e0:e1], minlength=int(a1 - a0))
         nbr = packed.bond_src[e0:e1].tolist()
         ptr = np.concatenate([[0], np.cumsum(counts)]).tolist()
-        y = {t: (float(packed.y[k, i]) if packed.y_mask[k, i] else None) for i, t in enumerate(TARGETS)}
+        y = {t: (float(packed.y[k, i]) if packed.y_mask[k, i] else None) for i, t in enumerate(packed.targets)}
         rows.append({"name": packed.names[k], "key": int(packed.entry_id[k]),
                      "numbers": packed.numbers[a0:a1].astype(int).tolist(),
                      "neighbors": [nbr[ptr[j]:ptr[j + 1]] for j in range(len(counts))], "targets": y})
@@ -528,6 +542,8 @@ def _cmd_cache(args) -> int:
     rows = [
         ("source", json.dumps(manifest["source"])),
         ("coordinator", json.dumps(manifest["coordinator"])),
+        ("targets", ", ".join(f"{t} ({u})" if u else t for t, u in
+                              {**default_units(manifest.get("targets", TARGETS)), **manifest.get("units", {})}.items())),
         ("complete", manifest.get("complete")),
         ("shards", len(manifest["shards"])),
         ("graphs", sum(s["n_graphs"] for s in manifest["shards"])),

@@ -1,8 +1,8 @@
 """Stage 3: one crystal as a DGL heterograph.
 
 Schema (docs/design.md):
-  * node types ``atom`` (data ``Z``: int64 atomic number) and ``crystal`` (data ``y`` float64 (4,),
-    ``y_mask`` bool (4,), ``entry_id`` int64);
+  * node types ``atom`` (data ``Z``: int64 atomic number) and ``crystal`` (data ``y`` float64 (T,),
+    ``y_mask`` bool (T,), ``entry_id`` int64), T targets in the order the cache records (OQMD: 4);
   * ``('atom', 'bond', 'atom')``: one edge per entry of the reference neighbour multiset, directed
     neighbour -> centre, multi-edges and self-images kept;
   * ``('atom', 'in', 'crystal')``: readout edges.
@@ -22,19 +22,22 @@ BOND = ("atom", "bond", "atom")
 IN = ("atom", "in", "crystal")
 
 
-def target_arrays(targets: Mapping[str, float | None] | Sequence[float] | np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """Turn a mapping (missing keys / None / NaN = unlabelled) or a length-4 array into (y, y_mask)."""
-    y = np.full(len(TARGETS), np.nan)
+def target_arrays(targets: Mapping[str, float | None] | Sequence[float] | np.ndarray | None,
+                  names: Sequence[str] = TARGETS) -> tuple[np.ndarray, np.ndarray]:
+    """Turn a mapping (missing keys / None / NaN = unlabelled) or an array in the order of ``names``
+    (default: the OQMD targets) into (y, y_mask)."""
+    names = tuple(names)
+    y = np.full(len(names), np.nan)
     if targets is not None:
         if isinstance(targets, Mapping):
-            unknown = set(targets) - set(TARGETS)
+            unknown = set(targets) - set(names)
             if unknown:
-                raise KeyError(f"unknown target(s) {sorted(unknown)}; expected some of {TARGETS}")
-            for k, name in enumerate(TARGETS):
+                raise KeyError(f"unknown target(s) {sorted(unknown)}; expected some of {names}")
+            for k, name in enumerate(names):
                 v = targets.get(name)
                 y[k] = np.nan if v is None else float(v)
         else:
-            y[:] = np.asarray(targets, dtype=np.float64).reshape(len(TARGETS))
+            y[:] = np.asarray(targets, dtype=np.float64).reshape(len(names))
     mask = np.isfinite(y)
     return np.where(mask, y, 0.0), mask
 

@@ -10,13 +10,14 @@ import multiprocessing as mp
 import os
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 
 import numpy as np
 
+from cgnn_dgl import TARGETS
 from cgnn_dgl.cache import Built, CacheWriter, Reject, ShardStream
 from cgnn_dgl.structures import Crystal, StructureError, read_structure_file
 
@@ -25,7 +26,9 @@ from cgnn_dgl.structures import Crystal, StructureError, read_structure_file
 class BuildItem:
     key: int
     source: Crystal | Path | StructureError
-    targets: np.ndarray | None = None  # (4,) float64, NaN = missing
+    # labels: a mapping name -> value (missing / None / NaN = unlabelled), or an array in the order of the
+    # target names the build uses (the cache's; the OQMD four by default)
+    targets: Mapping[str, float | None] | np.ndarray | None = None
     flags: dict = field(default_factory=dict)
 
 
@@ -38,7 +41,7 @@ def _name_of(item: BuildItem) -> str:
     return str(item.key)
 
 
-def _prepare(item: BuildItem) -> tuple[Crystal, np.ndarray, np.ndarray] | Reject:
+def _prepare(item: BuildItem, target_names: Sequence[str] = TARGETS) -> tuple[Crystal, np.ndarray, np.ndarray] | Reject:
     """Parse and validate one input; failures become a :class:`Reject` with a reason."""
     from cgnn_dgl.graph import target_arrays
 
@@ -48,7 +51,7 @@ def _prepare(item: BuildItem) -> tuple[Crystal, np.ndarray, np.ndarray] | Reject
             raise src
         crystal = read_structure_file(src) if isinstance(src, Path) else src
         crystal.validate()
-        y, mask = target_arrays(item.targets)
+        y, mask = target_arrays(item.targets, target_names)
         return crystal, y, mask
     except StructureError as exc:
         return Reject(item.key, _name_of(item), exc.reason, str(exc))
@@ -56,11 +59,11 @@ def _prepare(item: BuildItem) -> tuple[Crystal, np.ndarray, np.ndarray] | Reject
         return Reject(item.key, _name_of(item), "error", f"{type(exc).__name__}: {exc}")
 
 
-def build_chunk(items: list[BuildItem], params) -> list[Built | Reject]:
+def build_chunk(items: list[BuildItem], params, target_names: Sequence[str] = TARGETS) -> list[Built | Reject]:
     """Graphs for a chunk of items; the coordinator runs once, vectorised over the whole chunk."""
     from cgnn_dgl.coordinator import coordinate_many
 
-    prepared = [_prepare(item) for item in items]
+    prepared = [_prepare(item, target_names) for item in items]
     ok = [k for k, p in enumerate(prepared) if not isinstance(p, Reject)]
     coords = coordinate_many([prepared[k][0] for k in ok], params, errors="return") if ok else []
     out: list[Built | Reject] = list(prepared)  # type: ignore[arg-type]
@@ -93,12 +96,15 @@ def _init_worker() -> None:
     torch.set_num_threads(1)
 
 
-def build_many(items: Iterable[BuildItem], workers: int = 1, params=None, chunksize: int = 64) -> Iterator[Built | Reject]:
-    """Coordinate and graph every item, in input order, with ``workers`` processes."""
+def build_many(items: Iterable[BuildItem], workers: int = 1, params=None, chunksize: int = 64,
+               target_names: Sequence[str] = TARGETS) -> Iterator[Built | Reject]:
+    """Coordinate and graph every item, in input order, with ``workers`` processes; labels are laid out
+    in the order of ``target_names``."""
     from cgnn_dgl.coordinator import DEFAULT_PARAMS
 
     params = params or DEFAULT_PARAMS
-    chunks = ((chunk, params) for chunk in _chunks(items, chunksize))
+    names = tuple(target_names)
+    chunks = ((chunk, params, names) for chunk in _chunks(items, chunksize))
     if workers <= 1:
         for job in chunks:
             yield from _build_chunk(job)
@@ -120,7 +126,7 @@ def build_cache(items: Iterable[BuildItem], writer: CacheWriter, *, workers: int
     bar = progress(total=total, desc=desc, unit="struct")
     done_before = sum(s["n_graphs"] + s["n_rejects"] for s in writer.shards)
     bar.update(done_before)
-    for result in build_many(todo, workers=workers, params=params):
+    for result in build_many(todo, workers=workers, params=params, target_names=writer.targets):
         stream.add(result)
         bar.update(1)
         if stream.counts["rejects"]:

@@ -158,3 +158,68 @@ def test_key_range_queries(tmp_path):
     assert [k for k in range(33) if writer.covered(k)] == list(range(1, 10)) + list(range(20, 31))
     assert writer.next_uncovered(3) == 10 and writer.next_uncovered(12) == 12 and writer.next_uncovered(25) == 31
     assert writer.blocked_between(10, 21) and not writer.blocked_between(10, 20) and not writer.blocked_between(20, 25)
+
+
+def _labelled(dev_corpus, names, n=12):
+    """Real graphs labelled with ``len(names)`` made-up values each (every 3rd one unlabelled in column 0)."""
+    rows = [r for r in dev_corpus if r["error"] is None][:n]
+    out = []
+    for k, row in enumerate(rows):
+        counts = np.array([len(x) for x in row["neighbors"]], dtype=np.int64)
+        nbr = np.array([i for x in row["neighbors"] for i in x], dtype=np.int64)
+        y = np.array([k + 0.5 * j for j in range(len(names))], dtype=np.float64)
+        if k % 3 == 0:
+            y[0] = np.nan
+        out.append(Built(k, row["name"], np.array(row["numbers"]), counts, nbr, np.nan_to_num(y), np.isfinite(y)))
+    return out
+
+
+def test_cache_records_any_target_names_and_units(tmp_path, dev_corpus):
+    names = ("heat_all", "dir_gap", "bulk_modulus")
+    built = _labelled(dev_corpus, names)
+    writer = CacheWriter(tmp_path / "c", source=SOURCE, params=PARAMS, shard_size=5, targets=names,
+                         units={"heat_all": "eV", "dir_gap": "eV"})
+    stream = ShardStream(writer)
+    for b in built:
+        stream.add(b)
+    stream.flush()
+    writer.close()
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert manifest["targets"] == list(names)
+    assert manifest["units"] == {"heat_all": "eV", "dir_gap": "eV", "bulk_modulus": ""}
+    packed = load_packed(tmp_path / "c")
+    assert packed.targets == names and packed.units["dir_gap"] == "eV"
+    assert packed.y.shape == (len(built), 3)
+    np.testing.assert_array_equal(packed.y_mask[:, 0], [k % 3 != 0 for k in range(len(built))])
+    np.testing.assert_allclose(packed.y[:, 2], [k + 1.0 for k in range(len(built))])
+    sub = packed.subset([1, 4])
+    assert sub.targets == names and sub.y.shape == (2, 3)
+    assert packed.batch([0, 1]).nodes["crystal"].data["y"].shape == (2, 3)
+    # reopening with other targets is refused with a message naming what the cache holds
+    with pytest.raises(CacheMismatch, match="holds the targets heat_all, dir_gap, bulk_modulus"):
+        CacheWriter(tmp_path / "c", source=SOURCE, params=PARAMS, targets=("formation_energy",))
+
+
+def test_cache_without_units_reads_as_oqmd_targets(tmp_path, records):
+    """A manifest written before units were recorded still loads, with the OQMD units."""
+    _write(tmp_path / "c", records)
+    path = tmp_path / "c" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    del manifest["units"]
+    path.write_text(json.dumps(manifest))
+    packed = load_packed(tmp_path / "c")
+    assert packed.targets == ("formation_energy", "volume_per_atom", "band_gap", "magnetization")
+    assert packed.units == {"formation_energy": "eV/atom", "volume_per_atom": "Å³/atom", "band_gap": "eV",
+                            "magnetization": "μB/atom"}
+
+
+def test_merge_refuses_caches_with_different_targets(tmp_path, dev_corpus):
+    for sub_dir, names in (("a", ("heat_all",)), ("b", ("dir_gap",))):
+        writer = CacheWriter(tmp_path / sub_dir, source={"kind": sub_dir}, params=PARAMS, targets=names)
+        stream = ShardStream(writer)
+        for b in _labelled(dev_corpus, names, n=3):
+            stream.add(b)
+        stream.flush()
+        writer.close()
+    with pytest.raises(CacheMismatch, match="different targets"):
+        merge_caches([tmp_path / "a", tmp_path / "b"], tmp_path / "m")

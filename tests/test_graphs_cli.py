@@ -147,3 +147,27 @@ def test_export_gives_reference_neighbour_lists(tmp_path, dev_corpus):
     for o, r in zip(out, rows):
         assert o["numbers"] == r["numbers"] and o["neighbors"] == r["neighbors"], r["name"]
         assert set(o["targets"]) == {"formation_energy", "volume_per_atom", "band_gap", "magnetization"}
+
+
+def test_build_cache_lays_out_labels_by_the_caches_target_names(tmp_path):
+    """Labels given by name land in the columns the cache names; absent or NaN ones are masked, not dropped."""
+    from cgnn_dgl.cache import CacheWriter
+    from cgnn_dgl.coordinator import DEFAULT_PARAMS
+    from cgnn_dgl.pipeline import BuildItem, build_cache
+    from cgnn_dgl.structures import Crystal
+
+    lattice = np.array([[0.0, 2.82, 2.82], [2.82, 0.0, 2.82], [2.82, 2.82, 0.0]])
+    nacl = Crystal("nacl", lattice, np.array([11, 17]), np.array([[0.0, 0, 0], [0.5, 0.5, 0.5]]))
+    items = [BuildItem(0, nacl, {"dir_gap": 5.0, "heat_all": -2.1}), BuildItem(1, nacl, {"dir_gap": float("nan")}),
+             BuildItem(2, nacl, None)]
+    writer = CacheWriter(tmp_path / "c", source={"kind": "test"}, params=DEFAULT_PARAMS, targets=("heat_all", "dir_gap"))
+    build_cache(items, writer, workers=1, params=DEFAULT_PARAMS)
+    packed = load_packed(tmp_path / "c")
+    assert packed.targets == ("heat_all", "dir_gap")
+    np.testing.assert_array_equal(packed.y_mask, [[True, True], [False, False], [False, False]])
+    np.testing.assert_allclose(packed.y[0], [-2.1, 5.0])
+    # a label the cache does not hold is a bad row, not a silent drop
+    writer = CacheWriter(tmp_path / "d", source={"kind": "test"}, params=DEFAULT_PARAMS, targets=("heat_all",))
+    summary = build_cache([BuildItem(0, nacl, {"bulk_modulus": 1.0}), BuildItem(1, nacl, {"heat_all": 1.0})],
+                          writer, workers=1, params=DEFAULT_PARAMS)
+    assert (summary["total_rejects"], summary["total_graphs"]) == (1, 1)
