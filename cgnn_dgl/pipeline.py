@@ -149,28 +149,41 @@ def build_cache(items: Iterable[BuildItem], writer: CacheWriter, *, workers: int
 # `cgnn graphs`
 
 
-def _items_from_inputs(inputs) -> list[BuildItem]:
-    from cgnn_dgl.structures import iter_inputs
+def _items_from_inputs(inputs, opts=None) -> list[BuildItem]:
+    """BuildItems from every input: labelled formats by :mod:`cgnn_dgl.readers`, plain files as before."""
+    from cgnn_dgl.readers import read_inputs
 
-    return [BuildItem(key, src) for key, src in enumerate(iter_inputs(inputs))]
+    return read_inputs(inputs, opts)
 
 
 def _cmd_graphs(args) -> int:
     from cgnn_dgl.cache import read_manifest
     from cgnn_dgl.errors import UsageError
+    from cgnn_dgl.readers import ReadOptions, n_labelled, parse_names, parse_units
     from cgnn_dgl.report import print_table
 
+    targets = parse_names(args.targets, "--targets")
+    names = targets or TARGETS
+    units = parse_units(args.units, names)
+    opts = ReadOptions(targets=targets, structure_column=args.structure_column, id_column=args.id_column,
+                       delimiter=args.delimiter)
     try:
-        items = _items_from_inputs(args.inputs)
+        items = _items_from_inputs(args.inputs, opts)
     except (FileNotFoundError, StructureError) as exc:
         raise UsageError(str(exc)) from None
     if not items:
-        raise UsageError("no structure files found in the inputs (CIF, POSCAR/CONTCAR, *.vasp or a JSON list)")
+        raise UsageError("no structure files found in the inputs (CIF, POSCAR/CONTCAR, *.vasp, JSON, CSV/TSV, "
+                         "extxyz, ASE .db or a folder with id_prop.csv)")
     params = coordinator_params(args)
     source = {"kind": "files", "inputs": [str(Path(p).resolve()) for p in args.inputs], "count": len(items)}
+    read = {k: v for k, v in (("structure_column", args.structure_column), ("id_column", args.id_column),
+                              ("delimiter", args.delimiter)) if v is not None}
+    if read:  # how the inputs were read is part of what the cache holds
+        source["read"] = read
     if read_manifest(Path(args.out)) is not None and not args.overwrite:
         print(f"resuming the cache in {args.out}")
-    writer = CacheWriter(args.out, source=source, params=params, shard_size=args.shard_size, overwrite=args.overwrite)
+    writer = CacheWriter(args.out, source=source, params=params, shard_size=args.shard_size, overwrite=args.overwrite,
+                         targets=names, units=units)
     for shard, reason in writer.invalid:
         print(f"rebuilding {shard['file']} (keys {shard['key_first']}..{shard['key_last']}): {reason}")
     summary = build_cache(items, writer, workers=args.workers, params=params, total=len(items))
@@ -183,6 +196,8 @@ def _cmd_graphs(args) -> int:
         ("structures/s", summary["built_now"] / summary["seconds"] if summary["seconds"] else float("nan")),
     ]
     rows += [(f"  rejected: {reason}", n) for reason, n in sorted(summary["rejects_by_reason"].items())]
+    if targets is not None:  # a typo'd or empty label column shows here, before any training
+        rows += [(f"inputs labelled {t}", n_labelled(items, t)) for t in names]
     print_table(f"graph cache {args.out}", rows)
     if summary["total_rejects"]:
         print(f"rejects listed in {Path(args.out) / 'rejects.csv'}")
@@ -212,12 +227,26 @@ def coordinator_params(args):
 def register(sub) -> None:
     p = sub.add_parser("graphs", help="build a graph cache from CIF/POSCAR files, folders or JSON lists",
                        description="Build a CGNN graph cache. INPUT may be CIF or POSCAR files, folders of them, "
-                                   "or JSON lists of {name, lattice, numbers, frac}. Bad inputs are skipped and "
+                                   "JSON lists of {name, lattice, numbers, frac[, targets]} or pymatgen Structure "
+                                   "dicts, and labelled data: a folder with id_prop.csv, CSV/TSV, extxyz or an ASE "
+                                   ".db (labels named by --targets). Bad inputs are skipped and "
                                    "listed in CACHE/rejects.csv; an interrupted build resumes when rerun.")
     p.add_argument("inputs", nargs="+", metavar="INPUT")
     p.add_argument("--out", required=True, metavar="CACHE")
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)), help="worker processes")
     p.add_argument("--shard-size", type=int, default=8192, help="crystals per shard file")
     p.add_argument("--overwrite", action="store_true", help="discard an existing cache at --out")
+    g = p.add_argument_group("labelled inputs (see README, 'Your own data: input formats')")
+    g.add_argument("--targets", metavar="NAME[,NAME...]",
+                   help="label columns/keys to read, in this order (default: the OQMD four, read where present); "
+                        "for an id_prop.csv without a header, its value columns in order")
+    g.add_argument("--units", metavar="NAME=UNIT[,...]", help="units of the targets, recorded in the manifest")
+    g.add_argument("--structure-column", metavar="COLUMN",
+                   help="CSV/TSV column of CIF or POSCAR text or structure-file paths (default: the first of "
+                        "structure, cif, poscar, path, file)")
+    g.add_argument("--id-column", metavar="COLUMN",
+                   help="column (CSV/TSV, id_prop.csv with a header) or key (extxyz info, ASE db key-value pairs, "
+                        "JSON records, pymatgen properties) holding each structure's id")
+    g.add_argument("--delimiter", help="field delimiter of CSV/TSV/id_prop.csv (default: tab for .tsv, else comma)")
     add_coordinator_args(p)
     p.set_defaults(func=_cmd_graphs)
