@@ -159,7 +159,7 @@ def _items_from_inputs(inputs, opts=None) -> list[BuildItem]:
 def _cmd_graphs(args) -> int:
     from cgnn_dgl.cache import read_manifest
     from cgnn_dgl.errors import UsageError
-    from cgnn_dgl.readers import ReadOptions, n_labelled, parse_names, parse_units
+    from cgnn_dgl.readers import ReadOptions, n_labelled, parse_names, parse_units, refuse_if_nothing_to_build
     from cgnn_dgl.report import print_table
 
     targets = parse_names(args.targets, "--targets")
@@ -174,6 +174,7 @@ def _cmd_graphs(args) -> int:
     if not items:
         raise UsageError("no structure files found in the inputs (CIF, POSCAR/CONTCAR, *.vasp, JSON, CSV/TSV, "
                          "extxyz, ASE .db or a folder with id_prop.csv)")
+    refuse_if_nothing_to_build(items)
     params = coordinator_params(args)
     source = {"kind": "files", "inputs": [str(Path(p).resolve()) for p in args.inputs], "count": len(items)}
     read = {k: v for k, v in (("structure_column", args.structure_column), ("id_column", args.id_column),

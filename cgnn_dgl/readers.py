@@ -235,7 +235,7 @@ def read_id_prop(folder: str | os.PathLike, opts: ReadOptions) -> Iterator[Recor
         ident = row[id_col] if id_col < len(row) and row[id_col] else f"{ID_PROP}-{k}"
         if missing:
             yield Record(ident, failed(ident, "unknown_column", f"{where} has no column {', '.join(missing)} "
-                                       f"(columns: {', '.join(columns)})"))
+                                       f"(columns: {_listed(columns)})"))
             continue
         if width is None and len(row) - 1 > len(value_cols):
             yield Record(ident, failed(ident, "unknown_column", f"{len(row) - 1} values but --targets names "
@@ -260,9 +260,13 @@ def read_id_prop(folder: str | os.PathLike, opts: ReadOptions) -> Iterator[Recor
 # CSV / TSV
 
 
+def _listed(columns: Sequence[str]) -> str:
+    return ", ".join(c or "(unnamed)" for c in columns)
+
+
 def _column(columns: Sequence[str], name: str, flag: str, where) -> int:
     if name not in columns:
-        raise UsageError(f"{where} has no column {name!r} for {flag} (columns: {', '.join(columns)})")
+        raise UsageError(f"{where} has no column {name!r} for {flag} (columns: {_listed(columns)})")
     return list(columns).index(name)
 
 
@@ -283,7 +287,7 @@ def read_table(path: str | os.PathLike, opts: ReadOptions) -> Iterator[Record]:
             found = [c for c in STRUCTURE_COLUMNS if c in columns]
             if not found:
                 raise UsageError(f"{path}: name the column holding the structures with --structure-column "
-                                 f"(columns: {', '.join(columns)})")
+                                 f"(columns: {_listed(columns)})")
             s_col = columns.index(found[0])
         id_col = _column(columns, opts.id_column, "--id-column", path) if opts.id_column else (
             columns.index("id") if "id" in columns else None)
@@ -296,7 +300,7 @@ def read_table(path: str | os.PathLike, opts: ReadOptions) -> Iterator[Record]:
             ident = ident or f"{path.stem}-{k}"
             if missing:
                 yield Record(ident, failed(ident, "unknown_column", f"{path} has no column {', '.join(missing)} "
-                                           f"(columns: {', '.join(columns)})"))
+                                           f"(columns: {_listed(columns)})"))
                 continue
             if len(row) > len(columns):
                 yield Record(ident, failed(ident, "bad_row", f"{len(row)} fields for {len(columns)} columns"))
@@ -569,6 +573,20 @@ def parse_units(text: str | None, targets: Sequence[str]) -> dict[str, str]:
             raise UsageError(f"--units: expected NAME=UNIT for the targets {', '.join(targets)}, got {part!r}")
         units[name.strip()] = unit.strip()
     return units
+
+
+def refuse_if_nothing_to_build(items) -> None:
+    """Stop before building when every input was already rejected while reading: such a cache would hold
+    no graph (a --targets name no header has is the usual cause, so say which)."""
+    from cgnn_dgl.errors import CgnnError
+
+    errors = [it.source.error for it in items if isinstance(it.source, PendingCrystal) and it.source.error is not None]
+    if not items or len(errors) < len(items):
+        return
+    reasons = sorted({e.reason for e in errors})
+    cls = UsageError if reasons == ["unknown_column"] else CgnnError
+    raise cls(f"nothing to build: all {len(items)} inputs were rejected while reading ({', '.join(reasons)}); "
+              f"first: {errors[0]}")
 
 
 def n_labelled(items, name: str) -> int:

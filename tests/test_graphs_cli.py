@@ -171,3 +171,114 @@ def test_build_cache_lays_out_labels_by_the_caches_target_names(tmp_path):
     summary = build_cache([BuildItem(0, nacl, {"bulk_modulus": 1.0}), BuildItem(1, nacl, {"heat_all": 1.0})],
                           writer, workers=1, params=DEFAULT_PARAMS)
     assert (summary["total_rejects"], summary["total_graphs"]) == (1, 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# labelled inputs: `cgnn graphs DIR|data.csv --targets ...` (readers: tests/test_readers.py)
+
+
+def _perov5(shared, n):
+    csv.field_size_limit(2**31 - 1)
+    with open(shared / "data" / "perov5" / "train.csv", newline="") as fh:
+        reader = csv.DictReader(fh)
+        return [next(reader) for _ in range(n)]
+
+
+def _export(root, out):
+    assert main(["cache", "export", str(root), "--out", str(out)]) == 0
+    return {r["name"]: (r["numbers"], r["neighbors"], r["targets"]) for r in json.loads(Path(out).read_text())}
+
+
+def test_graphs_from_a_cgcnn_folder_and_the_same_csv(tmp_path, shared, capsys):
+    rows = _perov5(shared, 8)
+    folder = tmp_path / "perov5"
+    folder.mkdir()
+    lines = []
+    for r in rows:
+        (folder / f"{r['material_id']}.cif").write_text(r["cif"])
+        lines.append(f"{r['material_id']},{r['heat_all']},{r['dir_gap']}")  # CGCNN layout: no header
+    lines += ["404,1.0,1.0", f"{rows[0]['material_id']}x,one,1.0"]  # no structure file; a word for a label
+    (folder / f"{rows[0]['material_id']}x.cif").write_text(rows[0]["cif"])
+    (folder / "id_prop.csv").write_text("\n".join(lines) + "\n")
+    rc = main(["graphs", str(folder), "--targets", "heat_all,dir_gap", "--units", "heat_all=eV/atom,dir_gap=eV",
+               "--out", str(tmp_path / "c1"), "--workers", "2"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "inputs labelled heat_all" in out and "rejected: missing_file" in out
+    manifest = json.loads((tmp_path / "c1" / "manifest.json").read_text())
+    assert manifest["targets"] == ["heat_all", "dir_gap"]
+    assert manifest["units"] == {"heat_all": "eV/atom", "dir_gap": "eV"}
+    with open(tmp_path / "c1" / "rejects.csv") as fh:
+        rejects = {r["name"]: r["reason"] for r in csv.DictReader(fh)}
+    assert rejects == {"404": "missing_file", f"{rows[0]['material_id']}x": "bad_label"}
+    packed = load_packed(tmp_path / "c1")
+    assert packed.names == [r["material_id"] for r in rows]
+    assert packed.y.tolist() == [[float(r["heat_all"]), float(r["dir_gap"])] for r in rows]
+
+    # the shipped CSV layout, the same rows: the same cache content
+    with open(shared / "data" / "perov5" / "train.csv", newline="") as fh, \
+            open(tmp_path / "data.csv", "w", newline="") as dst:
+        src, w = csv.reader(fh), csv.writer(dst, lineterminator="\n")
+        for _ in range(len(rows) + 1):
+            w.writerow(next(src))
+    rc = main(["graphs", str(tmp_path / "data.csv"), "--structure-column", "cif", "--id-column", "material_id",
+               "--targets", "heat_all,dir_gap", "--out", str(tmp_path / "c2"), "--workers", "1"])
+    assert rc == 0
+    assert _export(tmp_path / "c2", tmp_path / "c2.json") == _export(tmp_path / "c1", tmp_path / "c1.json")
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--structure-column", "poscar"], "no column 'poscar' for --structure-column"),
+    (["--id-column", "mpid"], "no column 'mpid' for --id-column"),
+    (["--units", "band_gap=eV"], "--units: expected NAME=UNIT for the targets heat_all"),
+    (["--targets", "heat_all,,dir_gap"], "--targets: expected comma-separated names"),
+])
+def test_labelled_usage_errors_are_one_line(tmp_path, shared, capsys, extra, message):
+    rows = _perov5(shared, 2)
+    with open(tmp_path / "d.csv", "w", newline="") as fh:
+        w = csv.writer(fh, lineterminator="\n")
+        w.writerow(["material_id", "cif", "heat_all"])
+        w.writerows([r["material_id"], r["cif"], r["heat_all"]] for r in rows)
+    args = ["graphs", str(tmp_path / "d.csv"), "--out", str(tmp_path / "c")]
+    if "--targets" not in extra:
+        args += ["--targets", "heat_all"]
+    assert main(args + extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and "Traceback" not in err
+
+
+def test_headerless_id_prop_needs_targets(tmp_path, shared, capsys):
+    row = _perov5(shared, 1)[0]
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / f"{row['material_id']}.cif").write_text(row["cif"])
+    (tmp_path / "d" / "id_prop.csv").write_text(f"{row['material_id']},{row['heat_all']}\n")
+    assert main(["graphs", str(tmp_path / "d"), "--out", str(tmp_path / "c")]) == 2
+    assert "no header: name its value columns, in order, with --targets" in capsys.readouterr().err
+
+
+def test_pymatgen_structure_json_is_read(tmp_path, shared, capsys):
+    from pymatgen.io.cif import CifParser
+
+    row = _perov5(shared, 1)[0]
+    s = CifParser.from_str(row["cif"]).parse_structures(primitive=False)[0]
+    s.properties = {"heat_all": float(row["heat_all"])}
+    (tmp_path / "s.json").write_text(json.dumps(s.as_dict()))  # once refused with the path thrice
+    assert main(["graphs", str(tmp_path / "s.json"), "--targets", "heat_all", "--out", str(tmp_path / "c")]) == 0
+    packed = load_packed(tmp_path / "c")
+    assert packed.names == ["s"] and packed.targets == ("heat_all",)
+    assert packed.y.tolist() == [[float(row["heat_all"])]]
+
+
+def test_a_targets_column_no_input_has_stops_before_building(tmp_path, shared, capsys):
+    rows = _perov5(shared, 3)
+    with open(tmp_path / "d.csv", "w", newline="") as fh:
+        w = csv.writer(fh, lineterminator="\n")
+        w.writerow(["", "material_id", "cif", "heat_all"])
+        w.writerows([k, r["material_id"], r["cif"], r["heat_all"]] for k, r in enumerate(rows))
+    rc = main(["graphs", str(tmp_path / "d.csv"), "--targets", "heat_all,bulk_modulus", "--id-column", "material_id",
+               "--out", str(tmp_path / "c")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "all 3 inputs were rejected while reading (unknown_column)" in err
+    assert "has no column bulk_modulus (columns: (unnamed), material_id, cif, heat_all)" in err
+    assert not (tmp_path / "c" / "manifest.json").exists()
