@@ -78,6 +78,14 @@ def _gather_items(inputs, db: str | None, db_limit: int | None):
     items, rejects = [], []
     key = 0
     for inp in inputs:
+        from cgnn_dgl.readers import READERS, ReadOptions, input_kind, read_inputs
+
+        if Path(inp).exists() and input_kind(Path(inp)) in READERS and Path(inp).suffix.lower() != ".json":
+            for item in read_inputs([inp], ReadOptions(labels=False)):  # id_prop folders, CSV/TSV, extxyz, ASE db: named by their ids
+                item.key = key
+                items.append(item)
+                key += 1
+            continue
         try:
             paths = expand_inputs([inp])
         except FileNotFoundError as exc:

@@ -62,9 +62,12 @@ class ReadOptions:
     structure_column: str | None = None
     id_column: str | None = None
     delimiter: str | None = None
+    labels: bool = True  # False: structures and ids only (prediction inputs); label columns are not read
 
     @property
     def names(self) -> tuple[str, ...]:
+        if not self.labels:
+            return ()
         return self.targets if self.targets is not None else TARGETS
 
 
@@ -214,7 +217,11 @@ def read_id_prop(folder: str | os.PathLike, opts: ReadOptions) -> Iterator[Recor
     header = (len(first) > 1 and not any(_is_number(c) or c == "" for c in first[1:])
               and not any(n in present for n in _structure_file_names(first[0])))
     where = folder / ID_PROP
-    if header:
+    if not opts.labels:  # structures and ids only
+        id_col, missing, value_cols, width = 0, [], {}, 0
+        if header:
+            rows = rows[1:]
+    elif header:
         columns, rows = first, rows[1:]
         id_col = _column(columns, opts.id_column, "--id-column", where) if opts.id_column else 0
         wanted = opts.names
@@ -241,7 +248,7 @@ def read_id_prop(folder: str | os.PathLike, opts: ReadOptions) -> Iterator[Recor
             yield Record(ident, failed(ident, "unknown_column", f"{len(row) - 1} values but --targets names "
                                        f"{len(value_cols)} ({', '.join(value_cols)})"))
             continue
-        if width is not None and len(row) > width:
+        if width and len(row) > width:
             yield Record(ident, failed(ident, "bad_row", f"{len(row)} fields for {width} columns"))
             continue
         found = [n for n in _structure_file_names(ident) if n in present]

@@ -457,3 +457,17 @@ def test_plain_json_lists_still_allow_repeated_names(tmp_path, dev_corpus):
     built = build_chunk(items, DEFAULT_PARAMS, ("formation_energy", "volume_per_atom", "band_gap", "magnetization"))
     assert [b.name for b in built] == [r["name"] for r in rows * 2]
     assert all(hasattr(b, "numbers") for b in built)
+
+
+def test_prediction_inputs_are_named_by_their_ids(tmp_path, structures):
+    """`cgnn predict` reads the same formats (structures and ids only: no --targets, labels ignored)."""
+    from cgnn_dgl.predict import build_inputs
+
+    folder = write_id_prop(tmp_path / "cgcnn_nh", structures[:2], header=False)  # headerless: no names needed
+    with open(folder / "id_prop.csv", "a") as fh:
+        fh.write("absent,1.0,2.0\n")
+    db = write_db(tmp_path / "d.db", structures[2:4])
+    packed, rejects = build_inputs([folder, db])
+    assert packed.names == [structures[0][0], structures[1][0], "1", "2"]
+    assert [(r.name, r.reason) for r in rejects] == [("absent", "missing_file")]
+    assert sorted(r.key for r in rejects) + list(packed.entry_id) == [2, 0, 1, 3, 4]
