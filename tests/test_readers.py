@@ -390,6 +390,14 @@ def test_ase_db_rows(tmp_path, structures):
     assert built[ids[1]].y_mask.tolist() == [True, False]  # no dir_gap key: unlabelled
     built, _ = built_and_rejected(read_inputs([path], OPTS))  # without --id-column: the row ids
     assert set(built) == {"1", "2", "3", "4"}
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    atoms = _atoms(structures[0][1], "x", {})
+    atoms.calc = SinglePointCalculator(atoms, energy=-7.25)  # a stored property, not a key-value pair
+    with ase.db.connect(str(tmp_path / "e.db")) as db:
+        db.write(atoms)
+    built, _ = built_and_rejected(read_inputs([tmp_path / "e.db"], ReadOptions(targets=("energy",))), ("energy",))
+    assert built["1"].y.tolist() == [-7.25]
 
 
 def test_ase_db_that_is_not_one_is_a_usage_error(tmp_path):
