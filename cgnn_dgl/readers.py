@@ -224,9 +224,12 @@ def read_id_prop(folder: str | os.PathLike, opts: ReadOptions) -> Iterator[Recor
     elif header:
         columns, rows = first, rows[1:]
         id_col = _column(columns, opts.id_column, "--id-column", where) if opts.id_column else 0
-        wanted = opts.names
-        missing = [t for t in wanted if t not in columns]
-        value_cols = {t: columns.index(t) for t in wanted if t in columns}
+        if opts.targets is None:  # every value column of an id_prop.csv is a label: none may go unread
+            others = [c for k, c in enumerate(columns) if k != id_col and c not in TARGETS]
+            if others:
+                raise UsageError(f"{where}: name the label columns with --targets (columns: {_listed(columns)})")
+        missing = [t for t in opts.targets or () if t not in columns]
+        value_cols = {t: columns.index(t) for t in opts.names if t in columns}
         width = len(columns)
     else:
         if opts.targets is None:
@@ -304,6 +307,10 @@ def read_table(path: str | os.PathLike, opts: ReadOptions) -> Iterator[Record]:
             if not any(c.strip() for c in row):
                 continue
             ident = row[id_col].strip() if id_col is not None and id_col < len(row) else ""
+            if not ident and opts.id_column:
+                ident = f"{path.stem}-{k}"
+                yield Record(ident, failed(ident, "missing_id", f"empty {opts.id_column!r} cell for --id-column"))
+                continue
             ident = ident or f"{path.stem}-{k}"
             if missing:
                 yield Record(ident, failed(ident, "unknown_column", f"{path} has no column {', '.join(missing)} "

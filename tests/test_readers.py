@@ -287,6 +287,18 @@ def test_id_prop_without_header(tmp_path, structures):
         read_inputs([folder], ReadOptions())
 
 
+def test_id_prop_header_without_targets(tmp_path, structures):
+    folder = write_id_prop(tmp_path / "cgcnn", structures[:2])
+    with pytest.raises(UsageError, match="name the label columns with --targets"):  # heat_all is no OQMD name
+        read_inputs([folder], ReadOptions())
+    text = (folder / "id_prop.csv").read_text().replace("id,heat_all,dir_gap", "id,band_gap,formation_energy")
+    (folder / "id_prop.csv").write_text(text)
+    built, _ = built_and_rejected(read_inputs([folder], ReadOptions()), ("formation_energy", "volume_per_atom",
+                                                                         "band_gap", "magnetization"))
+    assert built[structures[0][0]].y.tolist() == [0.5, 0.0, 0.0, 0.0]  # OQMD names: read into the four
+    assert built[structures[0][0]].y_mask.tolist() == [True, False, True, False]
+
+
 def test_id_prop_header_lacking_a_target_rejects_its_rows(tmp_path, structures):
     folder = write_id_prop(tmp_path / "cgcnn", structures[:2])
     built, rejected = built_and_rejected(read_inputs([folder], ReadOptions(targets=("heat_all", "bulk_modulus"))),
@@ -309,12 +321,13 @@ def test_csv_bad_rows_and_usage_errors(tmp_path, structures):
         w.writerow(["worded", _cif(structures[2][1]), "1.0", "two"])
         w.writerow(["garbled", "data_x\n_cell_length_a 3\nnot a cif\n", "1.0", "NaN"])
         w.writerow(["unlabelled", _poscar(structures[0][1]), "NaN", ""])  # POSCAR text, no labels: kept, masked
+        w.writerow(["", _cif(structures[0][1]), "1.0", "2.0"])  # no id where --id-column points
     opts = ReadOptions(targets=NAMES, id_column="material_id", structure_column="cif")
     built, rejected = built_and_rejected(read_inputs([path], opts))
     assert set(built) == {*ids, "unlabelled"}
     assert built["unlabelled"].y_mask.tolist() == [False, False]
     assert rejected == {"gone": "missing_file", "empty": "missing_structure", ids[1]: "duplicate_id",
-                        "worded": "bad_label", "garbled": "parse_error"}
+                        "worded": "bad_label", "garbled": "parse_error", "data-9": "missing_id"}
     with pytest.raises(UsageError, match="no column 'structure' for --structure-column"):
         read_inputs([path], ReadOptions(targets=NAMES, structure_column="structure"))
     with pytest.raises(UsageError, match="no column 'mp_id' for --id-column"):
@@ -322,7 +335,7 @@ def test_csv_bad_rows_and_usage_errors(tmp_path, structures):
     # a --targets column the table lacks: the whole table's rows are listed (per input, not per row)
     items = read_inputs([path], ReadOptions(targets=("heat_all", "bulk"), id_column="material_id"))
     reasons = [r.reason for r in build_chunk(items, DEFAULT_PARAMS, ("heat_all", "bulk"))]
-    assert reasons == ["unknown_column"] * 5 + ["duplicate_id"] + ["unknown_column"] * 3
+    assert reasons == ["unknown_column"] * 5 + ["duplicate_id"] + ["unknown_column"] * 3 + ["missing_id"]
 
 
 def test_csv_of_real_perov5_rows(tmp_path, shared):
