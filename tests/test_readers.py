@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from cgnn_dgl.cache import CacheWriter, load_packed
 from cgnn_dgl.coordinator import DEFAULT_PARAMS
@@ -492,3 +494,39 @@ def test_prediction_inputs_are_named_by_their_ids(tmp_path, structures):
     assert packed.names == [structures[0][0], structures[1][0], "1", "2"]
     assert [(r.name, r.reason) for r in rejects] == [("absent", "missing_file")]
     assert sorted(r.key for r in rejects) + list(packed.entry_id) == [2, 0, 1, 3, 4]
+
+
+_label = st.one_of(st.none(), st.just(float("nan")), st.floats(allow_nan=False, allow_infinity=False, width=64))
+
+
+@given(st.lists(st.tuples(_label, _label), min_size=1, max_size=8), st.sampled_from([",", ";", "\t"]))
+def test_labels_survive_a_table_round_trip(labels, delimiter):
+    """Any finite float comes back exactly; None and NaN come back as unlabelled; rows stay in order."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "POSCAR_x").write_text(POSCAR)
+        with open(tmp / "t.txt.csv", "w", newline="") as fh:
+            w = csv.writer(fh, delimiter=delimiter, lineterminator="\n")
+            w.writerow(["id", "path", "a", "b"])
+            w.writerows([f"s{k}", "POSCAR_x", "" if x is None else repr(x), "" if y is None else repr(y)]
+                        for k, (x, y) in enumerate(labels))
+        items = read_inputs([tmp / "t.txt.csv"], ReadOptions(targets=("a", "b"), delimiter=delimiter))
+    assert [it.source.name for it in items] == [f"s{k}" for k in range(len(labels))]
+    for it, pair in zip(items, labels):
+        want = {n: (None if v is None or v != v else v) for n, v in zip("ab", pair)}
+        assert it.targets == want
+
+
+POSCAR = """NaCl
+1.0
+0.0 2.82 2.82
+2.82 0.0 2.82
+2.82 2.82 0.0
+Na Cl
+1 1
+Direct
+0.0 0.0 0.0
+0.5 0.5 0.5
+"""
