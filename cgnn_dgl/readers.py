@@ -114,6 +114,11 @@ def failed(name: str, reason: str, message: str) -> PendingCrystal:
     return PendingCrystal.of(name, error=StructureError(reason, f"{name}: {message}"))
 
 
+def unreadable(path: Path, message: str) -> Record:
+    """A whole input file that cannot be read: one reject under its path; the other inputs go on."""
+    return Record(str(path), failed(str(path), "parse_error", message), unique=False)
+
+
 def crystal_from_text(text: str, fmt: str, name: str) -> Crystal:
     """CIF or POSCAR text -> :class:`Crystal` (first block of a CIF, conventional cell as in the file)."""
     from pymatgen.core import Structure
@@ -173,6 +178,7 @@ class Record:
     source: Crystal
     labels: dict[str, float | None] = field(default_factory=dict)
     unique: bool = True
+    label: str = ""  # how rejects name it when not by its id (plain JSON lists: ``list.json[k] name``)
 
 
 def _record(name: str, source: Crystal, raw: Mapping[str, object], unique: bool = True) -> Record:
@@ -368,7 +374,8 @@ def read_extxyz(path: str | os.PathLike, opts: ReadOptions) -> Iterator[Record]:
     try:
         frames = ase.io.read(str(path), index=":", format="extxyz")
     except Exception as exc:
-        raise UsageError(f"{path}: cannot read as extended XYZ ({type(exc).__name__}: {exc})") from None
+        yield unreadable(path, f"cannot read as extended XYZ ({type(exc).__name__}: {exc})")
+        return
     for k, atoms in enumerate(frames):
         results = dict(atoms.calc.results) if atoms.calc is not None else {}
         yield _kv_record(atoms, atoms.info, results, f"{path.stem}-{k}", opts)
@@ -381,12 +388,14 @@ def read_ase_db(path: str | os.PathLike, opts: ReadOptions) -> Iterator[Record]:
 
     path = Path(path)
     if not _is_ase_db(path):  # ase.db.connect would add its tables to any other SQLite file
-        raise UsageError(f"{path}: cannot read as an ASE database (no 'systems' table; not written by ase.db)")
+        yield unreadable(path, "cannot read as an ASE database (no 'systems' table; not written by ase.db)")
+        return
     try:
         db = ase.db.connect(str(path), type="db", create_indices=False)
         rows = list(db.select())
     except Exception as exc:
-        raise UsageError(f"{path}: cannot read as an ASE database ({type(exc).__name__}: {exc})") from None
+        yield unreadable(path, f"cannot read as an ASE database ({type(exc).__name__}: {exc})")
+        return
     for row in rows:
         stored = {k: row.get(k) for k in ("energy", "free_energy", "magmom", "charge") if row.get(k) is not None}
         yield _kv_record(row.toatoms(), row.key_value_pairs, stored, str(row.id), opts)
@@ -434,19 +443,24 @@ def read_json(path: str | os.PathLike, opts: ReadOptions) -> Iterator[Record]:
         with open(path) as fh:
             data = json.load(fh)
     except (OSError, ValueError) as exc:
-        raise UsageError(f"{path}: cannot read JSON ({exc})") from None
+        yield unreadable(path, f"cannot read JSON ({exc})")
+        return
     unique = opts.targets is not None
     if is_pymatgen_structure(data):
         yield _pymatgen_record(data, path.stem, opts, unique)
         return
     if not isinstance(data, list):
-        raise UsageError(f"{path}: expected a pymatgen Structure (Structure.as_dict()) or a JSON list of structures")
+        yield unreadable(path, "expected a pymatgen Structure (Structure.as_dict()) or a JSON list of structures")
+        return
     for k, row in enumerate(data):
         default = f"{path.stem}-{k}"
         if is_pymatgen_structure(row):
             yield _pymatgen_record(row, default, opts, unique)
         elif isinstance(row, dict):
-            yield _json_record(row, default, opts, unique)
+            rec = _json_record(row, default, opts, unique)
+            if opts.targets is None:  # unlabelled lists keep naming rejects by file and row, as before
+                rec.label = f"{path}[{k}] {rec.name}"
+            yield rec
         else:
             yield Record(default, failed(default, "parse_error", f"{path}[{k}] is a {type(row).__name__}, not a structure"),
                          {}, unique)
@@ -556,8 +570,16 @@ def read_inputs(inputs: Sequence[str | os.PathLike], opts: ReadOptions | None = 
                 labels = {}
             else:
                 seen[rec.name] = key
-        items.append(BuildItem(key, source, targets=labels or None))
+        items.append(_item(BuildItem, key, source, labels or None, rec.label or rec.name))
     return items
+
+
+def _item(cls, key: int, source, targets, name: str):
+    # the source crystal carries the id, which names its rejects; where BuildItem also has a display
+    # ``name`` (issue 8), set that as well, so every stage's reject agrees
+    if "name" in getattr(cls, "__dataclass_fields__", {}):
+        return cls(key, source, targets=targets, name=name)
+    return cls(key, source, targets=targets)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -415,7 +415,7 @@ def test_ase_db_rows(tmp_path, structures):
     assert built["1"].y.tolist() == [-7.25]
 
 
-def test_ase_db_that_is_not_one_is_a_usage_error(tmp_path):
+def test_unreadable_files_are_one_reject_each_and_the_run_goes_on(tmp_path, structures):
     import sqlite3
 
     con = sqlite3.connect(tmp_path / "other.db")
@@ -423,12 +423,19 @@ def test_ase_db_that_is_not_one_is_a_usage_error(tmp_path):
     con.commit()
     con.close()
     before = (tmp_path / "other.db").read_bytes()
-    with pytest.raises(UsageError, match="cannot read as an ASE database"):
-        read_inputs([tmp_path / "other.db"], OPTS)
-    assert (tmp_path / "other.db").read_bytes() == before  # the user's file is left as it was
     (tmp_path / "text.db").write_text("not sqlite at all")
-    with pytest.raises(UsageError, match="cannot read as an ASE database"):
-        read_inputs([tmp_path / "text.db"], OPTS)
+    (tmp_path / "bad.extxyz").write_text("2\nLattice=\"1 0 0\" nonsense\nH 0 0\n")
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "dict.json").write_text(json.dumps({"a": 1}))
+    good = write_records_json(tmp_path / "good.json", structures[:1])
+    names = ["other.db", "text.db", "bad.extxyz", "bad.json", "dict.json"]
+    out = build_chunk(read_inputs([tmp_path / n for n in names] + [good], OPTS), DEFAULT_PARAMS, NAMES)
+    assert [(r.name, r.reason) for r in out[:-1]] == [(str(tmp_path / n), "parse_error") for n in names]
+    assert "cannot read as an ASE database" in out[0].message and "cannot read as an ASE database" in out[1].message
+    assert "cannot read as extended XYZ" in out[2].message and "cannot read JSON" in out[3].message
+    assert "expected a pymatgen Structure" in out[4].message
+    assert out[-1].name == structures[0][0] and hasattr(out[-1], "numbers")
+    assert (tmp_path / "other.db").read_bytes() == before  # the user's file is left as it was
 
 
 def test_pymatgen_json_alone_and_in_a_list(tmp_path, structures):
