@@ -612,17 +612,13 @@ def parse_units(text: str | None, targets: Sequence[str]) -> dict[str, str]:
 
 
 def refuse_if_nothing_to_build(items) -> None:
-    """Stop before building when every input was already rejected while reading: such a cache would hold
-    no graph (a --targets name no header has is the usual cause, so say which)."""
-    from cgnn_dgl.errors import CgnnError
-
+    """Stop before building when a ``--targets`` column is missing from every input that was read: each
+    row would be rejected (``unknown_column``), and the cache would hold nothing. That is a typo in the
+    flag, not bad data, so it is a usage error that names the columns there are."""
     errors = [it.source.error for it in items if isinstance(it.source, PendingCrystal) and it.source.error is not None]
-    if not items or len(errors) < len(items):
-        return
-    reasons = sorted({e.reason for e in errors})
-    cls = UsageError if reasons == ["unknown_column"] else CgnnError
-    raise cls(f"nothing to build: all {len(items)} inputs were rejected while reading ({', '.join(reasons)}); "
-              f"first: {errors[0]}")
+    if items and len(errors) == len(items) and all(e.reason == "unknown_column" for e in errors):
+        raise UsageError(f"nothing to build: all {len(items)} inputs were rejected while reading (unknown_column); "
+                         f"first: {errors[0]}")
 
 
 def n_labelled(items, name: str) -> int:
