@@ -241,7 +241,8 @@ def register(sub) -> None:
     g.add_argument("--targets", metavar="NAME[,NAME...]",
                    help="label columns/keys to read, in this order (default: the OQMD four, read where present); "
                         "for an id_prop.csv without a header, its value columns in order")
-    g.add_argument("--units", metavar="NAME=UNIT[,...]", help="units of the targets, recorded in the manifest")
+    g.add_argument("--units", metavar="NAME=UNIT[,...]", help="units of the targets, recorded in the manifest (default: the OQMD units for OQMD names, "
+                        "else none)")
     g.add_argument("--structure-column", metavar="COLUMN",
                    help="CSV/TSV column of CIF or POSCAR text or structure-file paths (default: the first of "
                         "structure, cif, poscar, path, file)")
