@@ -19,11 +19,18 @@ import numpy as np
 import torch
 
 from cgnn_dgl import TARGETS, default_units
-from cgnn_dgl.graph_ops import BOND, IN
+from cgnn_dgl.graph_ops import BOND, IN, RATIO
 from cgnn_dgl.step import ranges as _ranges
 
 if TYPE_CHECKING:
     import dgl
+
+
+def _joined_ratios(parts: Sequence[np.ndarray | None]) -> np.ndarray | None:
+    """The per-bond ratios of joined parts, or None when any part lacks them (no half-filled array)."""
+    if any(p is None for p in parts):
+        return None
+    return np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)
 
 
 @dataclass
@@ -41,12 +48,17 @@ class PackedGraphs:
     names: list[str]
     targets: tuple[str, ...] = TARGETS  # the names of the y columns, as the cache's manifest records them
     units: dict[str, str] = field(default_factory=dict)  # unit per target ("" when unknown)
+    # (B,) float32 distance / cutoff per bond (model.geometry's input); None when the graphs came
+    # without it (caches written before it existed, reference neighbour lists)
+    bond_ratio: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.targets = tuple(self.targets)
         self.units = {**default_units(self.targets), **self.units}
         if self.y.ndim != 2 or self.y.shape[1] != len(self.targets):
             raise ValueError(f"y has shape {self.y.shape}, expected (K, {len(self.targets)}) for {self.targets}")
+        if self.bond_ratio is not None and self.bond_ratio.shape != self.bond_src.shape:
+            raise ValueError(f"bond_ratio has shape {self.bond_ratio.shape}, expected {self.bond_src.shape}")
 
     def __len__(self) -> int:
         return int(self.entry_id.shape[0])
@@ -63,19 +75,21 @@ class PackedGraphs:
     def nbytes(self) -> int:
         arrays = (self.numbers, self.node_ptr, self.bond_src, self.bond_dst, self.edge_ptr, self.y, self.y_mask,
                   self.entry_id)
-        return int(sum(a.nbytes for a in arrays))
+        return int(sum(a.nbytes for a in arrays)) + (0 if self.bond_ratio is None else int(self.bond_ratio.nbytes))
 
     # -- construction ------------------------------------------------------------------------------
     @classmethod
     def from_arrays(cls, numbers, n_atoms, n_bonds, bond_src, bond_dst, y, y_mask, entry_id, names,
-                    targets: Sequence[str] = TARGETS, units: dict[str, str] | None = None) -> PackedGraphs:
+                    targets: Sequence[str] = TARGETS, units: dict[str, str] | None = None,
+                    bond_ratio=None) -> PackedGraphs:
         node_ptr = np.zeros(len(n_atoms) + 1, dtype=np.int64)
         np.cumsum(n_atoms, out=node_ptr[1:])
         edge_ptr = np.zeros(len(n_bonds) + 1, dtype=np.int64)
         np.cumsum(n_bonds, out=edge_ptr[1:])
         return cls(np.asarray(numbers, np.uint8), node_ptr, np.asarray(bond_src, np.int32),
                    np.asarray(bond_dst, np.int32), edge_ptr, np.asarray(y, np.float64), np.asarray(y_mask, bool),
-                   np.asarray(entry_id, np.int64), list(names), tuple(targets), dict(units or {}))
+                   np.asarray(entry_id, np.int64), list(names), tuple(targets), dict(units or {}),
+                   None if bond_ratio is None else np.asarray(bond_ratio, np.float32))
 
     @classmethod
     def concatenate(cls, parts: Sequence[PackedGraphs], targets: Sequence[str] | None = None,
@@ -100,6 +114,7 @@ class PackedGraphs:
             [n for p in parts for n in p.names],
             targets,
             units,
+            _joined_ratios([p.bond_ratio for p in parts]),
         )
 
     @classmethod
@@ -120,14 +135,16 @@ class PackedGraphs:
             [b.name for b in built],
             targets,
             units,
+            _joined_ratios([getattr(b, "ratio", None) for b in built]) if built else None,
         )
 
     @classmethod
     def from_graphs(cls, graphs: Sequence[dgl.DGLHeteroGraph], names: Sequence[str] | None = None,
                     targets: Sequence[str] = TARGETS) -> PackedGraphs:
         """From single-crystal heterographs as made by :func:`cgnn_dgl.graph.crystal_graph`."""
-        parts_src, parts_dst, nums, na, nb, ys, masks, ids = [], [], [], [], [], [], [], []
+        parts_src, parts_dst, nums, na, nb, ys, masks, ids, ratios = [], [], [], [], [], [], [], [], []
         for g in graphs:
+            ratios.append(g.edges[BOND].data[RATIO].numpy() if RATIO in g.edges[BOND].data else None)
             s, d = g.edges(etype=BOND, order="eid")
             parts_src.append(s.numpy())
             parts_dst.append(d.numpy())
@@ -143,7 +160,8 @@ class PackedGraphs:
                                np.concatenate(parts_src) if parts_src else [],
                                np.concatenate(parts_dst) if parts_dst else [],
                                np.stack(ys) if ys else np.zeros((0, len(targets))),
-                               np.stack(masks) if masks else np.zeros((0, len(targets)), bool), ids, names, targets)
+                               np.stack(masks) if masks else np.zeros((0, len(targets)), bool), ids, names, targets,
+                               bond_ratio=_joined_ratios(ratios) if ratios else None)
 
     @classmethod
     def from_cache(cls, root, *, verify: bool = True, progress: bool = False) -> PackedGraphs:
@@ -168,7 +186,8 @@ class PackedGraphs:
             with open(root / shard["meta"]) as fh:
                 names = json.load(fh)["names"]
             parts.append(cls.from_arrays(a["numbers"], a["n_atoms"], a["n_bonds"], a["bond_src"], a["bond_dst"],
-                                         a["y"], a["y_mask"], a["entry_id"], names, targets, units))
+                                         a["y"], a["y_mask"], a["entry_id"], names, targets, units,
+                                         a.get("bond_ratio")))
         return cls.concatenate(parts, targets, units)
 
     # -- selection ---------------------------------------------------------------------------------
@@ -179,7 +198,8 @@ class PackedGraphs:
         bonds = _ranges(self.edge_ptr[idx], nb)
         return PackedGraphs.from_arrays(self.numbers[atoms], na, nb, self.bond_src[bonds], self.bond_dst[bonds],
                                         self.y[idx], self.y_mask[idx], self.entry_id[idx],
-                                        [self.names[i] for i in idx], self.targets, self.units)
+                                        [self.names[i] for i in idx], self.targets, self.units,
+                                        None if self.bond_ratio is None else self.bond_ratio[bonds])
 
     def batch(self, idx) -> dgl.DGLHeteroGraph:
         """One batched heterograph for crystals ``idx`` (schema of ``graph.py``), built from arrays.
@@ -209,6 +229,8 @@ class PackedGraphs:
         g.nodes["crystal"].data["y"] = torch.from_numpy(self.y[idx])
         g.nodes["crystal"].data["y_mask"] = torch.from_numpy(self.y_mask[idx])
         g.nodes["crystal"].data["entry_id"] = torch.from_numpy(self.entry_id[idx])
+        if self.bond_ratio is not None:
+            g.edges[BOND].data[RATIO] = torch.from_numpy(self.bond_ratio[bonds])
         return g
 
     # -- composition helpers (splits, statistics) --------------------------------------------------

@@ -40,12 +40,12 @@ import cgnn_dgl
 from cgnn_dgl import TARGETS, default_units
 from cgnn_dgl.errors import CgnnError
 from cgnn_dgl.fileio import atomic_open, atomic_write_json, sha256_file
-from cgnn_dgl.graph import BOND, IN
+from cgnn_dgl.graph import BOND, IN, RATIO
 
 log = logging.getLogger(__name__)
 
 FORMAT = "cgnn-dgl-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: shards carry the per-bond distance / cutoff ("ratio"); version-1 shards are rebuilt on resume
 MANIFEST = "manifest.json"
 DEFAULT_SHARD_SIZE = 8192
 
@@ -66,6 +66,9 @@ class Built:
     y: np.ndarray  # (T,) float64 in the cache's target order, 0 where missing
     y_mask: np.ndarray  # (T,) bool
     flags: dict = field(default_factory=dict)
+    # (sum counts,) float32 distance / cutoff per bond (the model's optional geometry input); None for
+    # graphs made without distances (e.g. from reference neighbour lists)
+    ratio: np.ndarray | None = None
 
 
 @dataclass
@@ -111,6 +114,8 @@ def pack_graph(built: Sequence[Built], n_targets: int = len(TARGETS)) -> tuple[d
     g.nodes["crystal"].data["y"] = torch.from_numpy(y)
     g.nodes["crystal"].data["y_mask"] = torch.from_numpy(mask)
     g.nodes["crystal"].data["entry_id"] = torch.from_numpy(keys)
+    if k and all(b.ratio is not None for b in built):
+        g.edges[BOND].data[RATIO] = torch.from_numpy(np.concatenate([b.ratio for b in built]).astype(np.float32))
     labels = {"n_atoms": torch.from_numpy(n_atoms), "n_bonds": torch.from_numpy(n_bonds), "key": torch.from_numpy(keys)}
     return g, labels
 
@@ -118,7 +123,9 @@ def pack_graph(built: Sequence[Built], n_targets: int = len(TARGETS)) -> tuple[d
 def content_digest(arrays: dict[str, np.ndarray]) -> str:
     """sha256 of a shard's decoded content: DGL's file bytes are not deterministic, the content is."""
     h = hashlib.sha256()
-    for key in ("numbers", "n_atoms", "n_bonds", "bond_src", "bond_dst", "y", "y_mask", "entry_id"):
+    for key in ("numbers", "n_atoms", "n_bonds", "bond_src", "bond_dst", "y", "y_mask", "entry_id", "bond_ratio"):
+        if key == "bond_ratio" and arrays.get(key) is None:  # optional: digests of older shards stay valid
+            continue
         a = np.ascontiguousarray(arrays[key])
         h.update(key.encode())
         h.update(str(a.dtype).encode())
@@ -127,7 +134,8 @@ def content_digest(arrays: dict[str, np.ndarray]) -> str:
 
 
 def read_shard_arrays(path: Path) -> dict[str, np.ndarray]:
-    """A shard file -> flat numpy arrays (bonds as per-crystal local indices)."""
+    """A shard file -> flat numpy arrays (bonds as per-crystal local indices; ``bond_ratio`` is None in
+    shards written before the geometry input existed)."""
     graphs, labels = dgl.load_graphs(str(path))
     g = graphs[0]
     n_atoms = labels["n_atoms"].numpy()
@@ -144,6 +152,7 @@ def read_shard_arrays(path: Path) -> dict[str, np.ndarray]:
         "y": g.nodes["crystal"].data["y"].numpy(),
         "y_mask": g.nodes["crystal"].data["y_mask"].numpy().astype(bool),
         "entry_id": labels["key"].numpy(),
+        "bond_ratio": g.edges[BOND].data[RATIO].numpy() if RATIO in g.edges[BOND].data else None,
     }
 
 
@@ -444,6 +453,27 @@ def verify_cache(root, *, params=None) -> list[tuple[dict, str]]:
         if reason:
             bad.append((shard, reason))
     return bad
+
+
+def rebuild_command(root) -> str:
+    """The command that rebuilds the cache at ``root`` from its recorded source (for error messages)."""
+    root = Path(root)
+    source = (read_manifest(root) or {}).get("source", {})
+    if source.get("kind") == "files":
+        import shlex
+
+        return "cgnn graphs " + " ".join(shlex.quote(p) for p in source.get("inputs", [])) + \
+            f" --out {shlex.quote(str(root))} --overwrite"
+    if source.get("kind") == "oqmd-db":
+        return f"cgnn ingest --db {source.get('db', 'URL')} --out {root} --overwrite"
+    return f"the command that built it, with --out {root} --overwrite"
+
+
+def require_bond_ratios(packed, root) -> None:
+    """One-line error for a geometry model on a cache without per-bond distance ratios (built before v2)."""
+    if packed.bond_ratio is None:
+        raise CgnnError(f"{root}: this cache has no bond distance ratios, which model.geometry needs (it was "
+                        f"built by an older cgnn-dgl); rebuild it: {rebuild_command(root)}")
 
 
 def load_packed(root, *, verify: bool = True, progress: bool = False):

@@ -224,6 +224,11 @@ class ModelConfig:
     use_extension: bool = False
     targets: tuple[str, ...] = TARGETS
     classification_heads: bool = False
+    # Optional scale-invariant geometry (not in the reference; off in every preset): each bond's
+    # distance / cutoff, d / ((r_i + r_j) * factor_vol * 1.2), in a Gaussian basis of ``geometry_basis``
+    # functions, enters every convolution's per-bond gate and message. See cgnn_dgl.model.layers.RadialBasis.
+    geometry: bool = False
+    geometry_basis: int = 16
 
     PRESETS: typing.ClassVar[dict[str, dict[str, Any]]] = {}
 
@@ -247,6 +252,8 @@ class ModelConfig:
         for key in ("n_edge_net_layers", "n_postconv_net_layers", "conv_type"):
             if getattr(self, key) < 0:
                 raise UsageError(f"config key {key!r}: must be >= 0, got {getattr(self, key)}")
+        if self.geometry and self.geometry_basis < 2:
+            raise UsageError(f"config key 'geometry_basis': must be >= 2, got {self.geometry_basis}")
         if self.n_edge_net_layers > 0 and self.n_edge_net_feat < 1:
             raise UsageError("config key 'n_edge_net_feat': must be >= 1")
         if self.fast_edge_network_type not in (0, 1):

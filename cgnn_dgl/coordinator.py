@@ -399,20 +399,26 @@ def _prepare(crystals: Sequence[Crystal], radius_factor: float, errors: str):
 
 
 def coordinate_packed(crystals: Iterable, params: CoordinatorParams = DEFAULT_PARAMS, *,
-                      errors: str = "raise") -> tuple[list, np.ndarray, np.ndarray]:
-    """Coordinate a batch and return it packed: ``(errs, counts, nbr)``.
+                      errors: str = "raise", ratios: bool = False) -> tuple:
+    """Coordinate a batch and return it packed: ``(errs, counts, nbr)`` (``+ (ratio,)`` with ``ratios``).
 
     ``errs[s]`` is None or the :class:`StructureError` of crystal ``s`` (``errors="return"``; with
     ``errors="raise"`` the first one is raised). ``counts`` concatenates the per-atom neighbour counts
     of the crystals without an error, in batch order, and ``nbr`` their neighbour lists (indices within
     each crystal). Cheaper to send between processes than one pair of arrays per crystal.
+
+    ``ratio`` (float64, one per kept bond, aligned with ``nbr``) is the bond's distance over its cutoff,
+    ``d / ((r_i + r_j) * factor_vol * radius_factor)``, in (0, 1): dimensionless, so unchanged by a uniform
+    scaling of the cell (and by rotations), but it tells the neighbour shells apart. It is what the
+    optional geometry input of the model (``model.geometry``) reads.
     """
     if errors not in ("raise", "return"):
         raise ValueError(f"errors must be 'raise' or 'return', not {errors!r}")
     crystals = [as_crystal(c) for c in crystals]
     errs, _gidx, batch = _prepare(crystals, float(params.radius_factor), errors)
     if batch is None:
-        return errs, np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        empty = (errs, np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
+        return empty + (np.zeros(0),) if ratios else empty
     parts = [batch.candidates(c0, c1) for c0, c1 in batch.chunks(_CHUNK_PAIR_IMAGES)]
     centre = np.concatenate([q[0] for q in parts])
     nbr = np.concatenate([q[1] for q in parts])
@@ -425,20 +431,24 @@ def coordinate_packed(crystals: Iterable, params: CoordinatorParams = DEFAULT_PA
         from cgnn_dgl.kmeans_compat import prune_candidates_kmeans as prune
     keep = prune(x, np.bincount(centre, minlength=N), float(params.cc_cutoff), int(params.max_rounds))
     counts = np.bincount(centre[keep], minlength=N)
+    if ratios:
+        return errs, counts, nbr[keep], x[keep]
     return errs, counts, nbr[keep]
 
 
 def coordinate_many(crystals: Iterable, params: CoordinatorParams = DEFAULT_PARAMS, *,
-                    errors: str = "raise") -> list:
+                    errors: str = "raise", ratios: bool = False) -> list:
     """Coordinate a batch of crystals (``Crystal`` or pymatgen ``Structure``) in one vectorised pass.
 
     Returns one ``(counts int64 (n,), nbr int64 (counts.sum(),))`` per crystal, as
     :func:`coordinate_csr`. A structure that cannot be coordinated raises its :class:`StructureError`
     (``errors="raise"``, the first in batch order) or, with ``errors="return"``, has the exception
-    object in its place of the list.
+    object in its place of the list. With ``ratios`` each result is ``(counts, nbr, ratio)``, ``ratio``
+    the per-bond distance / cutoff of :func:`coordinate_packed`.
     """
     crystals = [as_crystal(c) for c in crystals]
-    errs, counts, nbr = coordinate_packed(crystals, params, errors=errors)
+    packed = coordinate_packed(crystals, params, errors=errors, ratios=ratios)
+    errs, counts, nbr = packed[:3]
     results: list = list(errs)
     good = [s for s, err in enumerate(errs) if err is None]
     n_atoms = np.fromiter((crystals[s].numbers.shape[0] for s in good), dtype=np.int64, count=len(good))
@@ -449,18 +459,20 @@ def coordinate_many(crystals: Iterable, params: CoordinatorParams = DEFAULT_PARA
     a_off = atom_off.tolist()
     e_off = edge_off[atom_off].tolist()
     for k, s in enumerate(good):
-        results[s] = (counts[a_off[k]:a_off[k + 1]], nbr[e_off[k]:e_off[k + 1]])
+        res = (counts[a_off[k]:a_off[k + 1]], nbr[e_off[k]:e_off[k + 1]])
+        results[s] = res + (packed[3][e_off[k]:e_off[k + 1]],) if ratios else res
     return results
 
 
-def coordinate_csr(crystal, params: CoordinatorParams = DEFAULT_PARAMS) -> tuple[np.ndarray, np.ndarray]:
+def coordinate_csr(crystal, params: CoordinatorParams = DEFAULT_PARAMS, *, ratios: bool = False) -> tuple:
     """Neighbours of one crystal in CSR form: ``counts`` (n,) and ``nbr`` (sum counts,), both int64.
 
     With ``ptr = [0, *cumsum(counts)]``, ``nbr[ptr[j]:ptr[j+1]]`` are the neighbour atoms of centre
     ``j`` in the reference's order (ascending ``i``, then image). Raises :class:`StructureError`
-    (:class:`MissingRadiusError` for an element without a radius).
+    (:class:`MissingRadiusError` for an element without a radius). ``ratios`` adds the per-bond
+    distance / cutoff (see :func:`coordinate_packed`).
     """
-    return coordinate_many([crystal], params)[0]
+    return coordinate_many([crystal], params, ratios=ratios)[0]
 
 
 def coordinate(structure, *, radius_factor: float = DEFAULT_PARAMS.radius_factor,

@@ -219,6 +219,10 @@ def evaluate_run(run_dir, cache: str | None = None, split: str = "test", out: st
     dev = resolve_device(device)
     model, mcfg = load_model(run_dir / BEST, device=dev)
     packed = load_cache(cache or train_cfg.cache)
+    if mcfg.geometry:
+        from cgnn_dgl.cache import require_bond_ratios
+
+        require_bond_ratios(packed, cache or train_cfg.cache)
     if not (run_dir / SPLIT).is_file():
         raise UsageError(f"{run_dir}: no {SPLIT}")
     parts = load_split(run_dir / SPLIT, packed.entry_id, packed.names)

@@ -5,6 +5,7 @@ Schema (docs/design.md):
     ``y_mask`` bool (T,), ``entry_id`` int64), T targets in the order the cache records (OQMD: 4);
   * ``('atom', 'bond', 'atom')``: one edge per entry of the reference neighbour multiset, directed
     neighbour -> centre, multi-edges and self-images kept;
+    bond data ``ratio`` (float32, optional): distance / cutoff of the bond, the model's geometry input;
   * ``('atom', 'in', 'crystal')``: readout edges.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ from cgnn_dgl import TARGETS
 
 BOND = ("atom", "bond", "atom")
 IN = ("atom", "in", "crystal")
+RATIO = "ratio"  # optional bond data: distance / cutoff (float32), see coordinator.coordinate_packed
 
 
 def target_arrays(targets: Mapping[str, float | None] | Sequence[float] | np.ndarray | None,
@@ -57,6 +59,7 @@ def graph_from_bonds(
     y: np.ndarray | None = None,
     y_mask: np.ndarray | None = None,
     entry_id: int = -1,
+    ratio: np.ndarray | None = None,
 ) -> dgl.DGLHeteroGraph:
     n = int(len(numbers))
     g = dgl.heterograph(
@@ -72,6 +75,8 @@ def graph_from_bonds(
     g.nodes["crystal"].data["y"] = torch.as_tensor(np.asarray(y, dtype=np.float64)).reshape(1, -1)
     g.nodes["crystal"].data["y_mask"] = torch.as_tensor(np.asarray(y_mask, dtype=bool)).reshape(1, -1)
     g.nodes["crystal"].data["entry_id"] = torch.tensor([int(entry_id)], dtype=torch.int64)
+    if ratio is not None:
+        g.edges[BOND].data[RATIO] = torch.as_tensor(np.asarray(ratio, dtype=np.float32))
     return g
 
 
@@ -88,7 +93,7 @@ def crystal_graph(structure, targets=None, entry_id: int = -1, params=None) -> d
     from cgnn_dgl.structures import as_crystal
 
     crystal = as_crystal(structure)
-    counts, nbr = coordinate_csr(crystal, params or DEFAULT_PARAMS)
+    counts, nbr, ratio = coordinate_csr(crystal, params or DEFAULT_PARAMS, ratios=True)
     dst = np.repeat(np.arange(crystal.n_atoms, dtype=np.int64), counts)
     y, mask = target_arrays(targets)
-    return graph_from_bonds(crystal.numbers, nbr.astype(np.int64), dst, y, mask, entry_id)
+    return graph_from_bonds(crystal.numbers, nbr.astype(np.int64), dst, y, mask, entry_id, ratio)

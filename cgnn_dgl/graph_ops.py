@@ -36,6 +36,7 @@ import cgnn_dgl  # noqa: F401  (sets DGLBACKEND before dgl is imported)
 
 BOND = ("atom", "bond", "atom")
 IN = ("atom", "in", "crystal")
+RATIO = "ratio"  # optional per-bond data (distance / cutoff); the same name as cgnn_dgl.graph.RATIO
 BACKENDS = ("dgl", "torch")
 
 CPU_TIMINGS_NOTE = """\
@@ -88,7 +89,9 @@ class GraphIndex:
     src -> dst); ``atom_crystal[a]`` is the crystal of atom ``a``; ``atom_count`` (float) counts the atoms
     of each crystal. ``dgl_graph`` is the DGL heterograph on the device (DGL backend only).
     ``bond_weight`` is None for the bond multiset; :meth:`compact` gives an index with each distinct
-    (src, dst) pair once and its multiplicity as ``bond_weight``.
+    (src, dst) pair once and its multiplicity as ``bond_weight``. ``bond_ratio`` (float32, per bond, or
+    None) is the bond's distance / cutoff, the input of the model's optional geometry term; a compact
+    index never has it (repeated bonds to different images differ in distance).
     """
 
     bond_src: Tensor
@@ -100,6 +103,7 @@ class GraphIndex:
     dgl_graph: Any = None
     backend: str = "torch"
     bond_weight: Tensor | None = None
+    bond_ratio: Tensor | None = None
     # DGL relation graphs, derived from dgl_graph once per batch (formats then stay cached on them).
     _bond_graph: Any = field(default=None, repr=False)
     _in_graph: Any = field(default=None, repr=False)
@@ -182,6 +186,8 @@ class GraphIndex:
         dgl_graph = None
         if backend == "dgl":
             dgl_graph = g if g.device == device else g.to(device)
+        edata = g.edges[BOND].data
+        ratio = edata["ratio"].to(device=device, dtype=torch.float32) if "ratio" in edata else None
         return cls(
             bond_src=src.to(device=device, dtype=torch.int64),
             bond_dst=dst.to(device=device, dtype=torch.int64),
@@ -191,6 +197,7 @@ class GraphIndex:
             n_crystals=n_crystals,
             dgl_graph=dgl_graph,
             backend=backend,
+            bond_ratio=ratio,
         )
 
     @classmethod
@@ -202,6 +209,7 @@ class GraphIndex:
         n_crystals: int | None = None,
         device: torch.device | str = "cpu",
         backend: str = "torch",
+        bond_ratio=None,
     ) -> GraphIndex:
         """Index from plain arrays (global atom ids). ``backend="dgl"``/``"auto"`` builds the DGL graph."""
         device = torch.device(device)
@@ -234,6 +242,7 @@ class GraphIndex:
             n_crystals=n_crystals,
             dgl_graph=dgl_graph,
             backend=backend,
+            bond_ratio=None if bond_ratio is None else torch.as_tensor(bond_ratio, dtype=torch.float32).reshape(-1).to(device),
         )
 
 

@@ -65,7 +65,7 @@ def build_chunk(items: list[BuildItem], params, target_names: Sequence[str] = TA
 
     prepared = [_prepare(item, target_names) for item in items]
     ok = [k for k, p in enumerate(prepared) if not isinstance(p, Reject)]
-    coords = coordinate_many([prepared[k][0] for k in ok], params, errors="return") if ok else []
+    coords = coordinate_many([prepared[k][0] for k in ok], params, errors="return", ratios=True) if ok else []
     out: list[Built | Reject] = list(prepared)  # type: ignore[arg-type]
     for k, res in zip(ok, coords):
         item, (crystal, y, mask) = items[k], prepared[k]
@@ -74,9 +74,10 @@ def build_chunk(items: list[BuildItem], params, target_names: Sequence[str] = TA
         elif isinstance(res, Exception):
             out[k] = Reject(item.key, crystal.name or _name_of(item), "error", f"{type(res).__name__}: {res}")
         else:
-            counts, nbr = res
+            counts, nbr, ratio = res
             out[k] = Built(item.key, crystal.name or _name_of(item), crystal.numbers.astype(np.int64),
-                           np.asarray(counts, np.int64), np.asarray(nbr, np.int64), y, mask, item.flags)
+                           np.asarray(counts, np.int64), np.asarray(nbr, np.int64), y, mask, item.flags,
+                           ratio=np.asarray(ratio, np.float32))
     return out
 
 

@@ -47,6 +47,7 @@ class FlatArrays(Protocol):
     edge_ptr: np.ndarray  # (K+1,) offsets into the bonds
     y: np.ndarray  # (K, T)
     y_mask: np.ndarray  # (K, T) bool
+    bond_ratio: np.ndarray | None  # (B,) float32 distance / cutoff per bond, or None
 
 
 def ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -63,7 +64,8 @@ def ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 class FlatBatch:
     """One mini-batch as plain tensors: ``z`` (atoms), ``bond_src``/``bond_dst`` (global atom ids,
     messages flow src -> dst), ``atom_crystal``, ``atom_count`` (float32 per crystal), ``y`` (float32)
-    and ``y_mask`` (bool) with the chosen target columns, ``idx`` the crystals' rows in the packed set."""
+    and ``y_mask`` (bool) with the chosen target columns, ``idx`` the crystals' rows in the packed set,
+    ``bond_ratio`` the per-bond distance / cutoff where the graphs have it (``model.geometry``)."""
 
     z: Tensor
     bond_src: Tensor
@@ -73,6 +75,7 @@ class FlatBatch:
     y: Tensor
     y_mask: Tensor
     idx: np.ndarray
+    bond_ratio: Tensor | None = None
 
     @property
     def n_atoms(self) -> int:
@@ -83,14 +86,17 @@ class FlatBatch:
         return int(self.y.shape[0])
 
     def _tensors(self) -> tuple[str, ...]:
-        return ("z", "bond_src", "bond_dst", "atom_crystal", "atom_count", "y", "y_mask")
+        names = ("z", "bond_src", "bond_dst", "atom_crystal", "atom_count", "y", "y_mask")
+        return names + (("bond_ratio",) if self.bond_ratio is not None else ())
+
+    def _map(self, fn: Callable[[Tensor], Tensor]) -> FlatBatch:
+        return FlatBatch(**{k: fn(getattr(self, k)) for k in self._tensors()}, idx=self.idx)
 
     def pin_memory(self) -> FlatBatch:
-        return FlatBatch(*(getattr(self, k).pin_memory() for k in self._tensors()), idx=self.idx)
+        return self._map(lambda t: t.pin_memory())
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> FlatBatch:
-        return FlatBatch(*(getattr(self, k).to(device, non_blocking=non_blocking) for k in self._tensors()),
-                         idx=self.idx)
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def record_stream(self, stream) -> None:
         """Tell the CUDA caching allocator these tensors are used on ``stream`` (copied on another)."""
@@ -101,7 +107,7 @@ class FlatBatch:
         """A torch-backend :class:`GraphIndex` on the batch's device (no host synchronisation)."""
         return GraphIndex(bond_src=self.bond_src, bond_dst=self.bond_dst, atom_crystal=self.atom_crystal,
                           atom_count=self.atom_count, n_atoms=self.n_atoms, n_crystals=self.n_crystals,
-                          backend="torch")
+                          backend="torch", bond_ratio=self.bond_ratio)
 
     def tensors(self) -> tuple[Tensor, GraphIndex, Tensor, Tensor]:
         """``(z, gi, y, mask)``, as :func:`cgnn_dgl.train.batch_tensors` gives them on the DGL path."""
@@ -109,7 +115,7 @@ class FlatBatch:
 
     @classmethod
     def from_arrays(cls, z, bond_src, bond_dst, atom_crystal, y, y_mask, n_crystals: int | None = None,
-                    idx: np.ndarray | None = None) -> FlatBatch:
+                    idx: np.ndarray | None = None, bond_ratio=None) -> FlatBatch:
         """From already-batched arrays (global atom ids), e.g. the ``.npz`` batches of ``bench/gpu.py``."""
         atom_crystal = np.asarray(atom_crystal, dtype=np.int64)
         y = np.asarray(y)
@@ -123,6 +129,7 @@ class FlatBatch:
             y=torch.from_numpy(np.asarray(y, dtype=np.float32).reshape(n, -1)),
             y_mask=torch.from_numpy(np.asarray(y_mask, dtype=bool).reshape(n, -1)),
             idx=np.arange(n) if idx is None else np.asarray(idx, dtype=np.int64),
+            bond_ratio=None if bond_ratio is None else torch.from_numpy(np.asarray(bond_ratio, dtype=np.float32)),
         )
 
 
@@ -142,6 +149,7 @@ def assemble(arrays: FlatArrays, idx, cols: Sequence[int] | None = None) -> Flat
     if cols is not None:
         cols = list(cols)
         y, mask = y[:, cols], mask[:, cols]
+    ratio = getattr(arrays, "bond_ratio", None)
     return FlatBatch(
         z=torch.from_numpy(arrays.numbers[atoms].astype(np.int64)),
         bond_src=torch.from_numpy(arrays.bond_src[bonds].astype(np.int64) + shift),
@@ -151,6 +159,7 @@ def assemble(arrays: FlatArrays, idx, cols: Sequence[int] | None = None) -> Flat
         y=torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32)),
         y_mask=torch.from_numpy(np.ascontiguousarray(mask, dtype=bool)),
         idx=idx,
+        bond_ratio=None if ratio is None else torch.from_numpy(np.ascontiguousarray(ratio[bonds], dtype=np.float32)),
     )
 
 

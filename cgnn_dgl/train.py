@@ -515,6 +515,10 @@ def prepare_run(cfg: RunConfig, run_dir: Path, resume: bool, dist: Dist):
     from cgnn_dgl.split import load_split, save_split
 
     packed = load_cache(cfg.train.cache)
+    if cfg.model.geometry:
+        from cgnn_dgl.cache import require_bond_ratios
+
+        require_bond_ratios(packed, cfg.train.cache)
     split_path = run_dir / SPLIT
     state = None
     if resume and (run_dir / LAST).is_file():

@@ -223,3 +223,59 @@ def test_merge_refuses_caches_with_different_targets(tmp_path, dev_corpus):
         writer.close()
     with pytest.raises(CacheMismatch, match="different targets"):
         merge_caches([tmp_path / "a", tmp_path / "b"], tmp_path / "m")
+
+
+# ------------------------------------------------------------------ per-bond ratios (model.geometry)
+
+
+def test_bond_ratios_survive_cache_batching_and_subsets(tmp_path, dev_corpus):
+    from cgnn_dgl.coordinator import coordinate_many
+    from cgnn_dgl.graph import RATIO
+    from cgnn_dgl.pipeline import BuildItem, build_many
+    from cgnn_dgl.structures import Crystal
+
+    rows = [r for r in dev_corpus if r["error"] is None][:60]
+    crystals = [Crystal(r["name"], r["lattice"], r["numbers"], r["frac"]) for r in rows]
+    built = list(build_many([BuildItem(k, c, np.zeros(4)) for k, c in enumerate(crystals)]))
+    writer = CacheWriter(tmp_path / "c", source=SOURCE, params=PARAMS, shard_size=16)
+    stream = ShardStream(writer)
+    for b in built:
+        stream.add(b)
+    stream.flush()
+    writer.close()
+    packed = load_packed(tmp_path / "c")
+    want = np.concatenate([res[2] for res in coordinate_many(crystals, ratios=True)]).astype(np.float32)
+    assert packed.bond_ratio is not None and packed.bond_ratio.dtype == np.float32
+    np.testing.assert_array_equal(packed.bond_ratio, want)
+    idx = np.array([5, 2, 40])
+    sub = packed.subset(idx)
+    g = packed.batch(idx)
+    np.testing.assert_array_equal(g.edges[BOND].data[RATIO].numpy(), sub.bond_ratio)
+    e = [want[packed.edge_ptr[i]:packed.edge_ptr[i + 1]] for i in idx]
+    np.testing.assert_array_equal(sub.bond_ratio, np.concatenate(e))
+    joined = PackedGraphs.concatenate([sub, packed.subset([0])])
+    assert joined.bond_ratio.shape == joined.bond_src.shape
+
+
+def test_cache_without_ratios_loads_and_names_the_rebuild(tmp_path, records):
+    """Shards written without ratios (older caches) still load for geometry-off models; a geometry
+    model gets one line with the rebuild command."""
+    from cgnn_dgl.cache import require_bond_ratios
+
+    writer = CacheWriter(tmp_path / "old", source={"kind": "files", "inputs": ["/data/cifs"], "count": 3},
+                         params=PARAMS, shard_size=32)
+    stream = ShardStream(writer)
+    for rec in records:
+        stream.add(rec)
+    stream.flush()
+    writer.close()
+    packed = load_packed(tmp_path / "old")
+    assert packed.bond_ratio is None and len(packed) > 0
+    assert RATIO_KEY not in packed.batch([0, 1]).edges[BOND].data
+    with pytest.raises(CgnnError, match=r"no bond distance ratios.*cgnn graphs /data/cifs --out .*old --overwrite"):
+        require_bond_ratios(packed, tmp_path / "old")
+    mixed = PackedGraphs.concatenate([packed.subset([0]), packed.subset([1])])
+    assert mixed.bond_ratio is None
+
+
+RATIO_KEY = "ratio"

@@ -467,3 +467,57 @@ def test_kmeans_pruning_agrees_with_exact_on_clear_gaps():
 def test_pruning_is_validated():
     with pytest.raises(ValueError, match="pruning"):
         CoordinatorParams(pruning="sklearn")
+
+
+# ------------------------------------------------------------------ bond ratios (model.geometry)
+
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+def _rotation(q) -> np.ndarray:
+    """The rotation matrix of a (non-zero) quaternion."""
+    w, x, y, z = np.asarray(q, float) / np.linalg.norm(q)
+    return np.array([[1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+                     [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+                     [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)]])
+
+
+def test_ratios_are_distance_over_cutoff(dev_rows):
+    """Each kept bond's ratio is the d / C of its candidate (recomputed from the inspection helper)."""
+    for row in _sample(dev_rows, 20):
+        c = crystal_of(row)
+        counts, nbr, ratio = coordinate_csr(c, ratios=True)
+        assert ratio.shape == nbr.shape and ratio.dtype == np.float64
+        assert np.all((ratio > 0) & (ratio < 1))
+        plain_counts, plain_nbr = coordinate_csr(c)  # the ratio option changes nothing else
+        assert counts.tolist() == plain_counts.tolist() and nbr.tolist() == plain_nbr.tolist()
+        cands = candidates(c)
+        ptr = np.concatenate([[0], np.cumsum(counts)])
+        for j in range(c.n_atoms):
+            pool = Counter((i, round(x, 9)) for i, _, x in cands[j])
+            kept = Counter((int(i), round(float(x), 9)) for i, x in zip(nbr[ptr[j]:ptr[j + 1]], ratio[ptr[j]:ptr[j + 1]]))
+            assert not kept - pool, (row["name"], j)
+
+
+@given(scale=st.floats(0.3, 3.0), q=st.tuples(*[st.floats(-1, 1)] * 4).filter(lambda q: sum(v * v for v in q) > 0.1),
+       pick=st.integers(0, 10_000))
+def test_ratios_invariant_under_uniform_scaling_and_rotation(dev_rows, scale, q, pick):
+    rows = [r for r in dev_rows if r["error"] is None]
+    row = rows[pick % len(rows)]
+    lattice = np.asarray(row["lattice"])
+    moved = Crystal(row["name"], scale * lattice @ _rotation(q).T, row["numbers"], row["frac"])
+    a = coordinate_csr(crystal_of(row), ratios=True)
+    b = coordinate_csr(moved, ratios=True)
+    # the pruning sees the same ratios up to rounding, so the graph (in its order) and ratios are the same
+    assert a[0].tolist() == b[0].tolist() and a[1].tolist() == b[1].tolist()
+    np.testing.assert_allclose(b[2], a[2], rtol=1e-9, atol=1e-12)
+
+
+def test_ratios_change_under_non_uniform_strain():
+    """Stretching one axis changes the ratios (the input is not strain invariant, by design)."""
+    c = rock_salt()
+    _, _, r0 = coordinate_csr(c, ratios=True)
+    strained = Crystal(c.name, np.diag([5.64, 5.64, 5.64 * 1.05]), c.numbers, c.frac)
+    _, _, r1 = coordinate_csr(strained, ratios=True)
+    assert r0.shape != r1.shape or not np.allclose(r0, r1)

@@ -17,7 +17,7 @@ import cgnn_dgl  # noqa: F401
 from cgnn_dgl import TARGETS
 from cgnn_dgl.config import ModelConfig, dataclass_from_dict
 from cgnn_dgl.errors import CgnnError, UsageError
-from cgnn_dgl.graph import graph_from_neighbors
+from cgnn_dgl.graph import BOND, crystal_graph, graph_from_neighbors
 from cgnn_dgl.graph_ops import GraphIndex
 from cgnn_dgl.model import (
     CGNN,
@@ -52,7 +52,10 @@ def small_batch(seed: int = 0, n_crystals: int = 6):
             neighbors.append(nb + [nb[0]])  # at least one repeated bond
         numbers = rng.choice(SPECIES_Z, size=n)
         graphs.append(graph_from_neighbors(numbers, neighbors))
-    return dgl.batch(graphs)
+    g = dgl.batch(graphs)
+    # distance / cutoff per bond for model.geometry (models without it ignore the bond data)
+    g.edges[BOND].data["ratio"] = torch.as_tensor(rng.uniform(0.5, 1.0, g.num_edges(BOND)), dtype=torch.float32)
+    return g
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -97,14 +100,19 @@ def naive_forward(model: CGNN, z: torch.Tensor, gi: GraphIndex) -> torch.Tensor:
                 z_ = z_ + sc
         return z_
 
+    rbf = None
+    if c.geometry:  # Gaussians of width = spacing, centres evenly on [0, 1]
+        mu = torch.linspace(0, 1, c.geometry_basis, dtype=x.dtype)
+        rbf = torch.exp(-(((gi.bond_ratio.to(x.dtype)[:, None] - mu) * (c.geometry_basis - 1)) ** 2))
     pooled = []
     for conv, pre in zip(model.convs, model.pre_poolings):
         h_j = x[src]
         e = h_j if conv.edge_network is None else edge_net(conv.edge_network, x)
+        geo = conv.geometry(rbf) if rbf is not None else 0.0
         if conv.linear_h is None:
-            g, m = torch.chunk(conv.linear(e), 2, dim=1)  # first half = gate
+            g, m = torch.chunk(conv.linear(e) + geo, 2, dim=1)  # first half = gate
         else:
-            g, m = conv.linear(e), conv.linear_h(h_j)
+            g, m = conv.linear(e) + geo, conv.linear_h(h_j)
         g = conv.gate_activation(g)
         if conv.edge_activation is not None:
             m = conv.edge_activation(m)
@@ -169,6 +177,12 @@ VARIANTS = {
     "no_bn_fc3": dict(n_fc=3, use_batch_norm=False, full_pooling=True, gated_pooling=True),
     "fc1": dict(n_fc=1, use_batch_norm=True),
     "extension": dict(use_extension=True),
+    "geometry": dict(geometry=True, geometry_basis=5),
+    "geometry_benchmark_like": dict(geometry=True, use_batch_norm=True, full_pooling=True, gated_pooling=True),
+    "geometry_edge_bn": dict(geometry=True, geometry_basis=4, use_edge_batch_norm=True, edge_activation="relu"),
+    "geometry_fast1_sc": dict(geometry=True, n_edge_net_layers=1, use_fast_edge_network=True, fast_edge_network_type=1,
+                              use_edge_net_shortcut=True),
+    "geometry_conv_type1": dict(geometry=True, n_edge_net_layers=1, use_fast_edge_network=True, conv_type=1),
     "complete_like": dict(use_batch_norm=True, full_pooling=True, gated_pooling=True, n_postconv_net_layers=2,
                           use_postconv_net_batch_norm=True, n_edge_net_layers=1, use_fast_edge_network=True,
                           fast_edge_network_type=1, use_edge_net_shortcut=True),
@@ -464,3 +478,79 @@ def test_dataclass_from_dict_generic():
         dataclass_from_dict(Train, {"milestones": [1, "x"]})
     with pytest.raises(UsageError, match="'batch'"):
         dataclass_from_dict(Train, {"batch": 3})
+
+
+# ---------------------------------------------------------------------------------------------------
+# optional geometry (model.geometry): invariances, presets unchanged, missing ratios
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_geometry_off_leaves_every_preset_unchanged():
+    """geometry is off in every preset: same parameter names and shapes as without the option."""
+    for name in ModelConfig.PRESETS:
+        cfg = ModelConfig.preset(name, targets=ONE)
+        assert cfg.geometry is False
+        model = CGNN(cfg)
+        assert not any("geometry" in k for k in model.state_dict())
+        assert model.radial is None
+        on = CGNN(ModelConfig.preset(name, targets=ONE, geometry=True, geometry_basis=7))
+        extra = {k: tuple(v.shape) for k, v in on.state_dict().items() if k not in model.state_dict()}
+        assert sorted(extra) == [f"convs.{t}.geometry.weight" for t in range(cfg.n_conv)]
+        assert all(shape[1] == 7 for shape in extra.values())
+
+
+def _dev_crystals(k=40):
+    from cgnn_dgl.structures import Crystal
+
+    if not DEV_JSON.is_file():
+        pytest.skip("reference corpus not found")
+    with open(DEV_JSON) as fh:
+        rows = [r for r in json.load(fh) if r["error"] is None]
+    rng = np.random.default_rng(5)
+    return [Crystal(r["name"], r["lattice"], r["numbers"], r["frac"]) for r in (rows[i] for i in rng.choice(len(rows), k, replace=False))]
+
+
+def _predict(model, crystals):
+    g = dgl.batch([crystal_graph(c) for c in crystals])
+    with torch.no_grad():
+        return model(g.nodes["atom"].data["Z"], GraphIndex.from_graph(g))
+
+
+@pytest.fixture(scope="module")
+def geometry_model():
+    torch.manual_seed(4)
+    model = CGNN(ModelConfig.preset("benchmark", geometry=True, n_hidden_feat=16, n_graph_feat=24)).eval()
+    with torch.no_grad():  # a visible geometry term: larger U than its default init
+        for conv in model.convs:
+            conv.geometry.weight.mul_(5.0)
+    return model
+
+
+@pytest.mark.parametrize("transform", ["scale", "rotation"])
+def test_geometry_model_invariant_under_uniform_scaling_and_rotation(geometry_model, transform):
+    from cgnn_dgl.structures import Crystal
+
+    crystals = _dev_crystals()
+    rot, _ = np.linalg.qr(np.random.default_rng(6).normal(size=(3, 3)))
+    move = {"scale": lambda lat: lat * 1.23, "rotation": lambda lat: lat @ rot.T}[transform]
+    moved = [Crystal(c.name, move(c.lattice), c.numbers, c.frac) for c in crystals]
+    torch.testing.assert_close(_predict(geometry_model, moved), _predict(geometry_model, crystals), rtol=1e-5, atol=1e-5)
+
+
+def test_geometry_tells_shells_apart(geometry_model):
+    """Same graph, other bond ratios: a geometry model answers differently, a plain one the same."""
+    g = dgl.batch([crystal_graph(c) for c in _dev_crystals(8)])
+    z = g.nodes["atom"].data["Z"]
+    gi = GraphIndex.from_graph(g)
+    squeezed = GraphIndex.from_graph(g)
+    squeezed.bond_ratio = gi.bond_ratio * 0.9
+    with torch.no_grad():
+        assert not torch.allclose(geometry_model(z, gi), geometry_model(z, squeezed), atol=1e-4)
+        plain = CGNN(ModelConfig.preset("benchmark", n_hidden_feat=16, n_graph_feat=24)).eval()
+        torch.testing.assert_close(plain(z, gi), plain(z, squeezed))
+
+
+def test_geometry_without_ratios_is_one_clear_error(geometry_model):
+    g = graph_from_neighbors([29, 8], [[1], [0]])  # reference neighbour lists carry no distances
+    with pytest.raises(CgnnError, match=r"no bond distance ratios.*rebuild"):
+        geometry_model(g.nodes["atom"].data["Z"], GraphIndex.from_graph(g))

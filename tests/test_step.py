@@ -58,7 +58,7 @@ def blocked_env(tmp_path: Path, blocked: str = BLOCKED) -> dict:
     return {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{REPO}", "CGNN_BLOCK": blocked}
 
 
-def random_packed(rng: np.random.Generator, n_crystals: int, n_targets: int = 3) -> PackedGraphs:
+def random_packed(rng: np.random.Generator, n_crystals: int, n_targets: int = 3, ratio: bool = False) -> PackedGraphs:
     na = rng.integers(1, 7, n_crystals)
     nb = rng.integers(0, 13, n_crystals)
     src = np.concatenate([rng.integers(0, a, b) for a, b in zip(na, nb)]) if nb.sum() else []
@@ -67,7 +67,8 @@ def random_packed(rng: np.random.Generator, n_crystals: int, n_targets: int = 3)
     y = rng.normal(size=(n_crystals, n_targets))
     mask = rng.random((n_crystals, n_targets)) > 0.3
     return PackedGraphs.from_arrays(numbers, na, nb, src, dst, y, mask, np.arange(n_crystals),
-                                    [f"c{i}" for i in range(n_crystals)], targets=[f"t{k}" for k in range(n_targets)])
+                                    [f"c{i}" for i in range(n_crystals)], targets=[f"t{k}" for k in range(n_targets)],
+                                    bond_ratio=rng.random(int(nb.sum())) if ratio else None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -110,11 +111,11 @@ def test_gpu_path_imports_and_trains_without_dgl(tmp_path):
 # flat batches == DGL batches
 
 
-@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 40), data=st.data())
-def test_flat_batch_equals_dgl_batch(seed, n, data):
-    """assemble() gives the DGL batch graph's own index tensors, atomic numbers and labels."""
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 40), ratio=st.booleans(), data=st.data())
+def test_flat_batch_equals_dgl_batch(seed, n, ratio, data):
+    """assemble() gives the DGL batch graph's own index tensors, bond ratios, atomic numbers and labels."""
     rng = np.random.default_rng(seed)
-    p = random_packed(rng, n)
+    p = random_packed(rng, n, ratio=ratio)
     idx = np.array(data.draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=2 * n)))
     cols = data.draw(st.sampled_from([None, [0], [2, 0]]))
     fb = assemble(p, idx, cols)
@@ -127,6 +128,10 @@ def test_flat_batch_equals_dgl_batch(seed, n, data):
     assert torch.equal(fb.y, g.nodes["crystal"].data["y"][:, c].float())
     assert torch.equal(fb.y_mask, g.nodes["crystal"].data["y_mask"][:, c])
     assert fb.n_atoms == gi.n_atoms and fb.n_crystals == gi.n_crystals
+    if ratio:
+        assert torch.equal(fb.graph_index().bond_ratio, gi.bond_ratio)
+    else:
+        assert fb.bond_ratio is None and gi.bond_ratio is None
 
 
 @pytest.mark.parametrize("prefetch", [0, 1, 3])

@@ -25,6 +25,7 @@ from cgnn_dgl.model.layers import (
     LinearRegression,
     NodeEmbedding,
     PostconvolutionNetwork,
+    RadialBasis,
 )
 
 CLASS_NAMES: tuple[str, ...] = ("insulator", "magnetic")
@@ -88,8 +89,10 @@ class CGNN(nn.Module):
                 bias=c.conv_bias,
                 conv_type=c.conv_type,
                 edge_network=edge_net,
-                postconv_network=postconv))
+                postconv_network=postconv,
+                geometry_basis=c.geometry_basis if c.geometry else 0))
         self.convs = nn.ModuleList(convs)
+        self.radial = RadialBasis(c.geometry_basis) if c.geometry else None
         def pool():
             return GatedPooling(c.n_hidden_feat) if c.gated_pooling else LinearPooling()
 
@@ -113,9 +116,16 @@ class CGNN(nn.Module):
     def graph_features(self, z: Tensor, gi: GraphIndex) -> Tensor:
         """The graph-level representation after the FC layers, ``(n_crystals, n_graph_feat)``."""
         x = self.embedding(z)
+        rbf = None
+        if self.radial is not None:
+            if gi.bond_ratio is None:
+                raise CgnnError("this model uses model.geometry, but the graphs carry no bond distance ratios "
+                                "(a cache built before cgnn-dgl stored them): rebuild the cache with "
+                                "`cgnn graphs ... --overwrite` or `cgnn ingest ... --overwrite`")
+            rbf = self.radial(gi.bond_ratio.to(x.dtype))
         node_feats = []
         for conv, pre in zip(self.convs, self.pre_poolings):
-            x = conv(x, gi)
+            x = conv(x, gi, rbf)
             if pre is not None:
                 node_feats.append(pre.node_features(x))
         pooled = mean_per_crystal(node_feats[0] if len(node_feats) == 1 else torch.cat(node_feats, dim=1), gi)

@@ -247,15 +247,37 @@ class PostconvolutionNetwork(nn.Module):
         return x
 
 
+class RadialBasis(nn.Module):
+    """Gaussian expansion of the bond ratio ``x = d / ((r_i + r_j) * factor_vol * 1.2)`` (in (0, 1)).
+
+    ``φ_k(x) = exp(-((x - μ_k) / w)^2)`` with ``K`` centres ``μ_k`` evenly on [0, 1] and ``w`` their spacing.
+    Invariances of the input: ``d`` and ``factor_vol`` (∝ V_cell^(1/3)) both scale with a uniform scaling
+    of the cell, so ``x`` is unchanged by it, as well as by rotations, translations and permutations of the
+    atoms. It is *not* invariant under non-uniform strain (a shear or a stretch along one axis changes the
+    distances differently from ``factor_vol``), which is exactly what lets it tell neighbour shells apart.
+    """
+
+    def __init__(self, n_basis: int):
+        super().__init__()
+        self.n_basis = n_basis
+
+    def forward(self, ratio: Tensor) -> Tensor:
+        centres = torch.linspace(0.0, 1.0, self.n_basis, dtype=ratio.dtype, device=ratio.device)
+        return torch.exp(-(((ratio.unsqueeze(1) - centres) * (self.n_basis - 1)) ** 2))
+
+
 class GatedGraphConvolution(nn.Module):
     """One convolution block: ``h_i' = f_node(BN?(h_i + [MFC](Σ_j σ(BN?(g_ij)) ⊙ f_edge(BN?(m_ij)))))``.
 
     ``conv_type 0``: ``[g; m] = W c_ij`` with the gate in the *first* half of ``W``; ``conv_type > 0``
     (with an edge network only): ``g = W e_ij``, ``m = W_h h_j``. ``c_ij = h_j`` without an edge network.
+    With ``geometry_basis`` K > 0 (``model.geometry``) a bias-free ``U φ(x_ij)`` of the bond's radial basis
+    is added to ``[g; m]`` (to ``g`` for ``conv_type > 0``) before the activations; without it the block
+    has exactly the reference's parameters.
     """
 
     def __init__(self, features, node_activation, edge_activation, use_node_batch_norm, use_edge_batch_norm,
-                 bias, conv_type, edge_network=None, postconv_network=None):
+                 bias, conv_type, edge_network=None, postconv_network=None, geometry_basis: int = 0):
         super().__init__()
         self.features = features
         b = bias and not use_edge_batch_norm
@@ -273,9 +295,14 @@ class GatedGraphConvolution(nn.Module):
         self.edge_activation = bn_act(features, edge_activation, use_edge_batch_norm)
         self.edge_network = edge_network
         self.postconv_network = postconv_network
+        self.geometry = None
+        if geometry_basis > 0:
+            self.geometry = nn.Linear(geometry_basis, self.linear.out_features, bias=False)
         # Without per-bond batch statistics every per-bond quantity depends only on the (centre,
-        # neighbour) pair, so repeated bonds are computed once and weighted by their multiplicity.
-        self.compact_bonds = not use_edge_batch_norm and not getattr(edge_network, "per_bond_batch_norm", False)
+        # neighbour) pair, so repeated bonds are computed once and weighted by their multiplicity
+        # (not with geometry: two images of one neighbour lie at different distances).
+        self.compact_bonds = (not use_edge_batch_norm and not getattr(edge_network, "per_bond_batch_norm", False)
+                              and self.geometry is None)
 
     def _gated(self, g: Tensor, m: Tensor) -> Tensor:
         g = self.gate_activation(g)
@@ -283,9 +310,27 @@ class GatedGraphConvolution(nn.Module):
             m = self.edge_activation(m)
         return g * m
 
-    def forward(self, x: Tensor, gi: GraphIndex) -> Tensor:
+    def forward(self, x: Tensor, gi: GraphIndex, rbf: Tensor | None = None) -> Tensor:
+        """``rbf``: the radial basis of every bond, ``(n_bonds, K)``; required with geometry."""
         d = self.features
-        if self.edge_network is None:
+        if self.geometry is not None:
+            if rbf is None:
+                raise ValueError("this convolution uses geometry: pass the bonds' radial basis (rbf)")
+            geo = self.geometry(rbf)
+            if self.edge_network is None:
+                p = go.gather_src(self.linear(x), gi) + geo  # W h_j + U φ(x_ij) per bond
+                g, m = p.split(d, dim=1)
+                msg = self._gated(g, m)
+            else:
+                e = self.edge_network(x, gi)
+                if self.linear_h is None:
+                    g, m = (self.linear(e) + geo).split(d, dim=1)
+                    msg = self._gated(g, m)
+                else:
+                    m = go.gather_src(self.linear_h(x), gi)
+                    msg = self._gated(self.linear(e) + geo, m)
+            agg = go.sum_at_dst(msg, gi)
+        elif self.edge_network is None:
             p = self.linear(x)  # W h_j per atom
             if self.use_edge_batch_norm:  # batch statistics over bonds
                 g, m = go.gather_src(p, gi).split(d, dim=1)
