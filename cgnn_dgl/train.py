@@ -199,6 +199,19 @@ def build_optimizer(params, t: TrainConfig) -> torch.optim.Optimizer:
 
 
 def build_scheduler(opt, t: TrainConfig):
+    """The per-epoch LR schedule; with ``warmup_epochs`` W > 0 a linear warm-up (lr/(W+1) -> lr) runs first
+    and the schedule then starts from its own epoch 0 (cosine T_max and milestones count after warm-up)."""
+    main = _main_scheduler(opt, t)
+    if t.warmup_epochs <= 0:
+        return main
+    warm = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0 / (t.warmup_epochs + 1), end_factor=1.0,
+                                             total_iters=t.warmup_epochs)
+    if main is None:
+        return warm
+    return torch.optim.lr_scheduler.SequentialLR(opt, [warm, main], milestones=[t.warmup_epochs])
+
+
+def _main_scheduler(opt, t: TrainConfig):
     if t.scheduler == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=t.milestones[0], eta_min=t.gamma)
     if t.scheduler == "step" or (t.scheduler == "multistep" and t.milestones[0] < 0):
@@ -507,6 +520,10 @@ def train_run(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict
             cfg.save(run_dir / CONFIG)
         dist.barrier()
         packed, split, state = prepare_run(cfg, run_dir, resume, dist)
+        if cfg.train.bootstrap:  # resampled from the seed, so a resumed run draws the same sample
+            from cgnn_dgl.ensemble import bootstrap_indices
+
+            split = dict(split, train=bootstrap_indices(split["train"], cfg.train.seed))
         dist.barrier()
         if dist.main:
             log.info("run %s: %d train / %d val / %d test crystals, targets %s, device %s%s", run_dir,
@@ -555,6 +572,16 @@ def _cmd_train(args) -> int:
     if run_dir is None:
         run_dir = Path(cfg.train.out_dir)
     cfg.train.out_dir = str(run_dir)
+    if args.workers is not None:
+        cfg.train.workers = args.workers
+    if cfg.train.ensemble > 1:
+        from cgnn_dgl.ensemble import ENSEMBLE_JSON, train_ensemble
+
+        summary = train_ensemble(cfg, run_dir, resume=args.resume)
+        scales = ", ".join(f"{t} {s:.3g}" for t, s in summary["calibration"]["scale"].items())
+        print(f"trained {summary['members']} members x {summary['epochs']} epochs; std scale on val: {scales}; "
+              f"ensemble in {run_dir} ({ENSEMBLE_JSON}); predict with --model {run_dir}")
+        return 0
     summary = train_run(cfg, run_dir, resume=args.resume)
     if Dist.from_env().main:
         print(f"trained {summary['epochs']} epochs; best epoch {summary['best_epoch']} "
@@ -575,4 +602,7 @@ def register(sub) -> None:
     p.add_argument("--out", metavar="RUNDIR", help="run folder (overrides train.out_dir)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="overrides train.device")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="ensembles (train.ensemble > 1): train N members at a time in separate processes "
+                        "(overrides train.workers)")
     p.set_defaults(func=_cmd_train)
