@@ -4,6 +4,8 @@ All crystals of a cache are held as a handful of flat numpy arrays (about 0.3 kB
 and every mini-batch graph is built straight from sliced arrays: one ``dgl.heterograph`` call per
 batch instead of ``dgl.batch`` over hundreds of small graph objects. Shuffling is numpy fancy
 indexing. This keeps the data path far ahead of the training step (see ``bench/cache.py``).
+DGL is imported only to build batch graphs, so the same packed arrays also feed the DGL-free GPU
+path (:mod:`cgnn_dgl.step`).
 """
 from __future__ import annotations
 
@@ -11,24 +13,17 @@ import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import dgl
 import numpy as np
 import torch
 
 from cgnn_dgl import TARGETS, default_units
-from cgnn_dgl.graph import BOND, IN, RATIO
+from cgnn_dgl.graph_ops import BOND, IN, RATIO
+from cgnn_dgl.step import ranges as _ranges
 
-
-def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Concatenation of ``arange(s, s + n)`` for every (s, n), without a Python loop."""
-    total = int(lengths.sum())
-    if total == 0:
-        return np.zeros(0, dtype=np.int64)
-    ends = np.cumsum(lengths)
-    # offset of each output element relative to the start of its own range
-    run_start = np.repeat(ends - lengths, lengths)
-    return np.repeat(starts, lengths) + (np.arange(total, dtype=np.int64) - run_start)
+if TYPE_CHECKING:
+    import dgl
 
 
 def _joined_ratios(parts: Sequence[np.ndarray | None]) -> np.ndarray | None:
@@ -207,7 +202,10 @@ class PackedGraphs:
                                         None if self.bond_ratio is None else self.bond_ratio[bonds])
 
     def batch(self, idx) -> dgl.DGLHeteroGraph:
-        """One batched heterograph for crystals ``idx`` (schema of ``graph.py``), built from arrays."""
+        """One batched heterograph for crystals ``idx`` (schema of ``graph.py``), built from arrays.
+        (The DGL-free twin for the GPU path is :func:`cgnn_dgl.step.assemble`.)"""
+        import dgl
+
         idx = np.asarray(idx, dtype=np.int64)
         na, nb = self.n_atoms[idx], self.n_bonds[idx]
         atoms = _ranges(self.node_ptr[idx], na)

@@ -43,8 +43,6 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from cgnn_dgl import TARGETS
 from cgnn_dgl.errors import UsageError
 
@@ -336,6 +334,8 @@ OPTIMIZERS = ("adam", "amsgrad", "sgd")
 LOSSES = ("mse", "l1", "huber")
 SCHEDULERS = ("multistep", "step", "cosine", "none")
 DEVICES = ("cpu", "cuda")
+LOADERS = ("auto", "dgl", "flat")
+AMP_MODES = ("none", "bf16")
 
 
 @dataclass
@@ -360,6 +360,11 @@ class TrainConfig:
     device: str = "cpu"
     num_threads: int = 0  # torch.set_num_threads; 0 = leave torch's default
     backend: str = "auto"  # graph ops: auto | dgl | torch
+    # GPU data path and numerics (cgnn_dgl/step.py)
+    loader: str = "auto"  # auto: flat index tensors when the graph backend is torch, DGL batch graphs otherwise
+    amp: str = "none"  # none | bf16 (torch.autocast; loss and optimizer state stay float32)
+    compile: bool = False  # torch.compile the model; falls back to eager (with a warning) if compiling fails
+    deterministic: bool = False  # torch.use_deterministic_algorithms; cost measured by bench/gpu.py
     # tasks
     targets: list[str] | None = None  # targets in the loss; None = every head of the model
     task_weights: dict[str, float] = field(default_factory=dict)  # default 1.0 each
@@ -397,6 +402,10 @@ class TrainConfig:
             bad(f"device: {self.device!r} is not one of {DEVICES}")
         if self.backend not in ("auto", "dgl", "torch"):
             bad(f"backend: {self.backend!r} is not one of auto, dgl, torch")
+        if self.loader not in LOADERS:
+            bad(f"loader: {self.loader!r} is not one of {LOADERS}")
+        if self.amp not in AMP_MODES:
+            bad(f"amp: {self.amp!r} is not one of {AMP_MODES}")
         if self.lr <= 0:
             bad(f"lr must be > 0 (got {self.lr})")
         if self.batch_size < 1 or self.eval_batch_size < 0:
@@ -488,11 +497,15 @@ class RunConfig:
         return cls(model=model, train=train)
 
     def save(self, path: str | Path) -> None:
+        import yaml  # lazy: the GPU path (model, step) imports config where only torch and numpy exist
+
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 def parse_scalar(text: str) -> Any:
     """A ``--set`` value as YAML would read it (numbers, bools, null, [lists], {maps}); else the string."""
+    import yaml
+
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
@@ -533,6 +546,8 @@ def read_config_file(path: str | Path | None) -> dict[str, Any]:
     if not path.is_file():
         raise UsageError(f"config file not found: {path}")
     text = path.read_text()
+    import yaml
+
     try:
         data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
     except (ValueError, yaml.YAMLError) as exc:

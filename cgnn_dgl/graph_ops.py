@@ -36,6 +36,7 @@ import cgnn_dgl  # noqa: F401  (sets DGLBACKEND before dgl is imported)
 
 BOND = ("atom", "bond", "atom")
 IN = ("atom", "in", "crystal")
+RATIO = "ratio"  # optional per-bond data (distance / cutoff); the same name as cgnn_dgl.graph.RATIO
 BACKENDS = ("dgl", "torch")
 
 CPU_TIMINGS_NOTE = """\

@@ -21,7 +21,13 @@ the reference's ``MSELoss`` exactly. Selection score: the mean over used targets
 divided by ``std_k``, i.e. the plain validation MAE in single-target mode without standardisation.
 
 Devices: the DGL graph of a batch always stays on the CPU (the PyPI DGL is CPU-only); only the
-:class:`~cgnn_dgl.graph_ops.GraphIndex` tensors, atomic numbers and targets move to ``--device``.
+:class:`~cgnn_dgl.graph_ops.GraphIndex` tensors, atomic numbers and targets move to ``--device``. Where
+the graph ops run on the torch backend (``--device cuda`` with the CPU-only DGL, or ``backend: torch``)
+batches skip DGL altogether (``train.loader``, :mod:`cgnn_dgl.step`): index tensors straight from the
+packed arrays, assembled by a background thread into pinned memory and copied without blocking while
+the previous step runs. ``train.amp: bf16`` runs the forward pass under bf16 autocast (loss, weights and
+optimizer state stay float32); ``train.compile`` wraps the model in ``torch.compile`` and falls back to
+eager if that fails; ``train.deterministic`` turns on torch's deterministic algorithms.
 
 DDP: launched by ``torchrun`` (RANK / WORLD_SIZE / LOCAL_RANK set), each process trains on its own shard
 of every epoch's permutation (DistributedSampler semantics: padded to equal length) with a per-process
@@ -48,6 +54,7 @@ from cgnn_dgl import checkpoint as ckpt_mod
 from cgnn_dgl.config import RunConfig, TrainConfig, load_run_config
 from cgnn_dgl.errors import CgnnError, UsageError
 from cgnn_dgl.fileio import atomic_write_text
+from cgnn_dgl.step import CompileFallback, autocast, maybe_compile, set_deterministic
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +149,22 @@ def batch_tensors(g, idx_cols: list[int], device: torch.device, backend: str):
     y = cdata["y"][:, idx_cols].to(device=device, dtype=torch.float32, non_blocking=True)
     mask = cdata["y_mask"][:, idx_cols].to(device, non_blocking=True)
     return z, gi, y, mask
+
+
+def use_flat_loader(t: TrainConfig, device: torch.device) -> bool:
+    """Whether batches come from flat arrays (:mod:`cgnn_dgl.step`) rather than DGL batch graphs:
+    ``train.loader: flat``, or ``auto`` where the graph ops run on the torch backend (CUDA with the
+    CPU-only DGL wheel, or ``backend: torch``). The DGL heterographs stay the CPU default."""
+    from cgnn_dgl.graph_ops import resolve_backend
+
+    if t.loader == "dgl":
+        return False
+    torch_ops = t.backend == "torch" or (t.backend == "auto" and resolve_backend("auto", device) == "torch")
+    if t.loader == "flat" and not torch_ops:
+        if t.backend == "dgl":
+            raise UsageError("train.loader: flat gives torch index tensors; it needs train.backend torch or auto")
+        return True
+    return torch_ops
 
 
 def split_output(out):
@@ -239,6 +262,7 @@ class Trainer:
         self.cols = target_columns(self.model_targets)
         self.used = [self.model_targets.index(t) for t in self.t.used_targets(self.model_targets)]
 
+        set_deterministic(self.t.deterministic)
         torch.manual_seed(self.t.seed)
         random.seed(self.t.seed)
         self.np_rng = np.random.default_rng(self.t.seed)
@@ -260,13 +284,16 @@ class Trainer:
         # element-wise loss per target column: 0 = squared error, 1 = absolute, 2 = Huber (delta 1)
         kinds = {"mse": 0, "l1": 1, "huber": 2}
         self.loss_kind = torch.tensor([kinds[self.t.loss_of(t)] for t in self.model_targets], device=self.device)
+        self.robust_loss = any(self.t.loss_of(t) != "mse" for t in self.model_targets)  # known on the host
         self.has_cls = bool(getattr(cfg.model, "classification_heads", False))
 
+        self.flat = use_flat_loader(self.t, self.device)
         self.heads = HeadsModule(self.model)
         self.net = self.heads
         if self.dist.enabled:
             # device_ids=None: single-device module; inputs are already on the device (no scatter)
             self.net = torch.nn.parallel.DistributedDataParallel(self.heads, device_ids=None)
+        self.runner = CompileFallback(maybe_compile(self.net, self.t.compile), self.net)
         self.opt = build_optimizer(self.model.parameters(), self.t)
         self.sched = build_scheduler(self.opt, self.t)
         self.epoch = 0
@@ -306,8 +333,21 @@ class Trainer:
         )
 
     # -- one pass ----------------------------------------------------------------------------------
-    def _pass(self, indices: np.ndarray, train: bool, desc: str) -> dict:
+    def _batches(self, idx: np.ndarray, bs: int):
+        """``(z, gi, y, mask)`` on the device for consecutive slices of ``idx``: from flat arrays with a
+        prefetching, pinned-memory loader (torch graph backend) or from DGL batch graphs."""
+        if self.flat:
+            from cgnn_dgl.step import FlatLoader, index_batches
+
+            for fb in FlatLoader(self.packed, index_batches(idx, bs), self.device, cols=self.cols):
+                yield fb.tensors()
+            return
         from cgnn_dgl.batching import iter_batches
+
+        for _, g in iter_batches(self.packed, idx, bs, shuffle=False):
+            yield batch_tensors(g, self.cols, self.device, self.t.backend)
+
+    def _pass(self, indices: np.ndarray, train: bool, desc: str) -> dict:
         from cgnn_dgl.report import progress
 
         T = len(self.model_targets)
@@ -331,31 +371,37 @@ class Trainer:
                        disable=(not self.t.progress or not self.dist.main) or None)
         ctx = torch.enable_grad() if train else torch.no_grad()
         with ctx:
-            for _, g in iter_batches(self.packed, idx, bs, shuffle=False):
-                z, gi, y, mask = batch_tensors(g, self.cols, self.device, self.t.backend)
-                out = self.net(z, gi) if train else self.heads(z, gi)
-                reg, logits = split_output(out)
-                reg = reg.reshape(y.shape[0], -1)
+            for z, gi, y, mask in self._batches(idx, bs):
                 ys = (y - mean) / std
                 maskf = mask.float()
                 cnt = maskf.sum(0)
-                diff = reg - ys
-                sq = diff ** 2 * maskf
-                elem = sq
-                if bool((self.loss_kind > 0).any()):
-                    ad = diff.abs()
-                    huber = torch.where(ad < 1.0, 0.5 * diff ** 2, ad - 0.5)
-                    elem = torch.where(self.loss_kind == 1, ad, torch.where(self.loss_kind == 2, huber, diff ** 2)) * maskf
-                per_t = elem.sum(0) / cnt.clamp(min=1.0)
-                loss = (per_t * self.loss_w).sum()
-                if self.has_cls and logits is not None:
-                    labels, lmask = class_labels(y, mask, self.model_targets, self.t)
-                    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none")
-                    lm = lmask.float()
-                    loss = loss + self.t.classification_weight * ((bce * lm).sum(0) / lm.sum(0).clamp(min=1.0)).sum()
+
+                def attempt(net, z=z, gi=gi, y=y, mask=mask, ys=ys, maskf=maskf, cnt=cnt):
+                    with autocast(self.device, self.t.amp):
+                        out = net(z, gi)
+                    reg, logits = split_output(out)
+                    reg = reg.float().reshape(y.shape[0], -1)  # the loss is always taken in float32
+                    diff = reg - ys
+                    sq = diff ** 2 * maskf
+                    elem = sq
+                    if self.robust_loss:
+                        ad = diff.abs()
+                        huber = torch.where(ad < 1.0, 0.5 * diff ** 2, ad - 0.5)
+                        elem = torch.where(self.loss_kind == 1, ad, torch.where(self.loss_kind == 2, huber, diff ** 2)) * maskf
+                    per_t = elem.sum(0) / cnt.clamp(min=1.0)
+                    loss = (per_t * self.loss_w).sum()
+                    if self.has_cls and logits is not None:
+                        labels, lmask = class_labels(y, mask, self.model_targets, self.t)
+                        bce = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), labels, reduction="none")
+                        lm = lmask.float()
+                        loss = loss + self.t.classification_weight * ((bce * lm).sum(0) / lm.sum(0).clamp(min=1.0)).sum()
+                    if train:
+                        self.opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                    return reg, sq, loss
+
+                reg, sq, loss = self.runner(attempt) if train else attempt(self.heads)
                 if train:
-                    self.opt.zero_grad(set_to_none=True)
-                    loss.backward()
                     if self.t.clip_value > 0:
                         torch.nn.utils.clip_grad_value_(self.model.parameters(), self.t.clip_value)
                     self.opt.step()
