@@ -215,6 +215,20 @@ def class_labels(y: torch.Tensor, mask: torch.Tensor, model_targets, train: Trai
     return labels, lmask
 
 
+def class_task_weights(y_train: np.ndarray, m_train: np.ndarray, model_targets, train: TrainConfig) -> torch.Tensor:
+    """1 per classification head (insulator, magnetic), 0 for a task whose training labels are all one class
+    (or absent): such a head can only learn a constant, and its loss would pull on the trunk for nothing."""
+    w = torch.ones(2)
+    labels, lmask = class_labels(torch.as_tensor(y_train), torch.as_tensor(m_train), model_targets, train)
+    for j, task in enumerate(("metal/insulator", "magnetic")):
+        lab = labels[lmask[:, j], j]
+        if lab.numel() == 0 or bool((lab == lab[0]).all()):
+            w[j] = 0.0
+            what = "no labels" if lab.numel() == 0 else f"only class {int(lab[0])} ({lab.numel()} labels)"
+            log.warning("classification task %s: %s in the training split; its loss is off (weight 0)", task, what)
+    return w
+
+
 def build_optimizer(params, t: TrainConfig) -> torch.optim.Optimizer:
     if t.optimizer == "sgd":
         return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, nesterov=True, weight_decay=t.weight_decay)
@@ -286,6 +300,9 @@ class Trainer:
         self.loss_kind = torch.tensor([kinds[self.t.loss_of(t)] for t in self.model_targets], device=self.device)
         self.robust_loss = any(self.t.loss_of(t) != "mse" for t in self.model_targets)  # known on the host
         self.has_cls = bool(getattr(cfg.model, "classification_heads", False))
+        self.cls_w = torch.ones(2, device=self.device)
+        if self.has_cls:
+            self.cls_w = class_task_weights(y_tr, m_tr, self.model_targets, self.t).to(self.device)
 
         self.flat = use_flat_loader(self.t, self.device)
         self.heads = HeadsModule(self.model)
@@ -394,7 +411,8 @@ class Trainer:
                         labels, lmask = class_labels(y, mask, self.model_targets, self.t)
                         bce = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), labels, reduction="none")
                         lm = lmask.float()
-                        loss = loss + self.t.classification_weight * ((bce * lm).sum(0) / lm.sum(0).clamp(min=1.0)).sum()
+                        per_c = (bce * lm).sum(0) / lm.sum(0).clamp(min=1.0)
+                        loss = loss + self.t.classification_weight * (per_c * self.cls_w).sum()
                     if train:
                         self.opt.zero_grad(set_to_none=True)
                         loss.backward()

@@ -69,7 +69,7 @@ def test_recalibration_moves_coverage_to_nominal(true_factor):
     assert abs(after_val - 0.95) < abs(raw_val - 0.95) and abs(after_val - 0.95) < 0.005
     raw_test = interval_coverage(*test[:2], test[2], Z95)
     after_test = interval_coverage(test[0], s * test[1], test[2], Z95)
-    assert abs(raw_test - 0.95) > 0.1  # clearly miscalibrated before
+    assert abs(raw_test - 0.95) > 0.04  # clearly miscalibrated before (too wide: ~100% covered)
     assert abs(after_test - 0.95) < 0.01
     assert abs(interval_coverage(test[0], s * test[1], test[2], Z68) - 0.68) < 0.02
 
@@ -91,7 +91,7 @@ def test_uncertainty_metrics_by_hand():
     assert u["spearman_abs_error_std"] is None  # constant std: rank correlation undefined
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
-    p, obs = calibration_curve(mean, std, true, levels=[0.68, 0.95])
+    _levels, obs = calibration_curve(mean, std, true, levels=[0.68, 0.95])
     assert obs.tolist() == [0.5, 0.75]
 
 
@@ -119,7 +119,7 @@ def ensemble_run(tmp_path_factory, dev_corpus):
 
 
 def test_ensemble_run_folder(ensemble_run):
-    root, _, cfg, summary = ensemble_run
+    root, _, cfg, _summary = ensemble_run
     run = root / "run"
     info = json.loads((run / ENSEMBLE_JSON).read_text())
     assert info["members"] == ["member_0/best.pt", "member_1/best.pt"]
