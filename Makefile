@@ -2,6 +2,11 @@
 # `make venv CUDA=1` builds a separate .venv-cuda from requirements-cuda.lock (torch 2.13.0 for CUDA 13,
 # a few GB from PyPI); the default venv, `make test` and CI never pull a CUDA build.
 PYTHON ?= python3
+DEVICE ?= cpu
+# `make demo DEVICE=cuda` implies the CUDA venv.
+ifeq ($(DEVICE),cuda)
+CUDA   ?= 1
+endif
 CUDA   ?=
 ifeq ($(CUDA),1)
 VENV   ?= .venv-cuda
@@ -19,7 +24,6 @@ PIPFLAGS := --no-deps $(if $(WHEELS),--find-links $(WHEELS))
 CHECK  := pass
 endif
 PY     := $(VENV)/bin/python
-DEVICE ?= cpu
 
 .PHONY: venv demo test bench clean
 
@@ -32,7 +36,7 @@ $(VENV)/.installed: $(LOCK) setup.cfg
 
 venv: $(VENV)/.installed
 
-# make demo DEVICE=cuda trains the demo's heads on the GPU (use with CUDA=1).
+# make demo DEVICE=cuda trains the demo's heads on the GPU (in .venv-cuda).
 demo: venv
 	PY=$(PY) DEMO_DEVICE=$(DEVICE) bash scripts/demo.sh
 

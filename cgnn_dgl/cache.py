@@ -39,7 +39,7 @@ import torch
 import cgnn_dgl
 from cgnn_dgl import TARGETS, default_units
 from cgnn_dgl.errors import CgnnError
-from cgnn_dgl.fileio import atomic_open, atomic_write_json, sha256_file
+from cgnn_dgl.fileio import atomic_open, atomic_write_json, sha256_file, umask_mode
 from cgnn_dgl.graph import BOND, IN, RATIO
 
 log = logging.getLogger(__name__)
@@ -141,7 +141,8 @@ def read_shard_arrays(path: Path) -> dict[str, np.ndarray]:
     n_atoms = labels["n_atoms"].numpy()
     n_bonds = labels["n_bonds"].numpy()
     src, dst = (t.numpy().astype(np.int64) for t in g.edges(etype=BOND, order="eid"))
-    atom_off = np.concatenate([[0], np.cumsum(n_atoms)[:-1]]).astype(np.int64)
+    # first atom of each crystal; length len(n_atoms) also for a shard of zero crystals
+    atom_off = (np.cumsum(n_atoms) - n_atoms).astype(np.int64)
     shift = np.repeat(atom_off, n_bonds)
     return {
         "numbers": g.nodes["atom"].data["Z"].numpy().astype(np.uint8),
@@ -314,6 +315,7 @@ class CacheWriter:
         g, labels = pack_graph(built, len(self.targets))
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=bin_path.parent)
         os.close(fd)
+        os.chmod(tmp, umask_mode())
         try:
             dgl.save_graphs(tmp, [g], labels)
             with open(tmp, "rb+") as fh:

@@ -352,6 +352,7 @@ class TrainConfig:
     scheduler: str = "multistep"  # multistep | step (step_size = milestones[0]) | cosine | none
     milestones: list[int] = field(default_factory=lambda: [250])
     gamma: float = 0.1  # cosine: eta_min
+    warmup_epochs: int = 0  # > 0: linear LR warm-up from lr / (warmup_epochs + 1) over these epochs, then the schedule
     clip_value: float = 0.0  # > 0: clip_grad_value_
     seed: int = 12345
     patience: int = 0  # early stopping: stop after this many epochs without improvement (0 = off)
@@ -375,6 +376,10 @@ class TrainConfig:
     mag_threshold: float = 0.05
     gap_decision_threshold: float = 0.1
     mag_decision_threshold: float = 0.05
+    # ensembles (cgnn_dgl/ensemble.py): N members with seeds seed, seed+1, ... in RUN/member_k/
+    ensemble: int = 1
+    bootstrap: bool = False  # train on a bootstrap resample of the training split (drawn from the seed)
+    workers: int = 1  # ensemble members trained at the same time, in separate processes
     # data and outputs
     cache: str | None = None
     split_file: str | None = None
@@ -409,6 +414,10 @@ class TrainConfig:
             bad(f"epochs must be >= 0 (got {self.epochs})")
         if self.scheduler in ("multistep", "step", "cosine") and not self.milestones:
             bad(f"milestones must not be empty with scheduler {self.scheduler}")
+        if self.ensemble < 1 or self.workers < 1:
+            bad(f"ensemble and workers must be >= 1 (got {self.ensemble}, {self.workers})")
+        if self.warmup_epochs < 0:
+            bad(f"warmup_epochs must be >= 0 (got {self.warmup_epochs})")
         if self.patience < 0 or self.clip_value < 0 or self.weight_decay < 0:
             bad("patience, clip_value and weight_decay must be >= 0")
         if not (0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1

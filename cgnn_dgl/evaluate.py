@@ -9,6 +9,12 @@ Writes into ``--out`` (default: the run folder)::
     parity_<target>.png       predicted vs DFT
     training_curves.png       loss and validation MAE per epoch (from history.csv)
 
+For an ensemble run folder (``ensemble.json``, :mod:`cgnn_dgl.ensemble`) predictions are the members'
+mean, the CSV gains ``<target>_std`` (calibrated std, the target's unit), metrics.json gains per target
+``uncertainty``: Spearman correlation of |error| with std, coverage of the 68% and 95% intervals
+(mean ± 0.994 / 1.96 std; also before calibration) and the std scale fitted on val; and
+``calibration.png`` shows observed against nominal coverage for every target.
+
 Classification labels: insulator = DFT band gap > ``train.gap_threshold``; magnetic = DFT magnetization
 > ``train.mag_threshold`` (see :mod:`cgnn_dgl.config` for the defaults and why). The ROC score is
 the regression prediction (or the classification head's probability when the model has one); the hard
@@ -203,13 +209,14 @@ def curves_plot(path: Path, history_csv: Path) -> bool:
 def evaluate_run(run_dir, cache: str | None = None, split: str = "test", out: str | None = None,
                  device: str = "cpu", batch_size: int | None = None, plots: bool = True) -> dict:
     from cgnn_dgl.config import load_run_config
-    from cgnn_dgl.predict import load_model, predict_packed
+    from cgnn_dgl.ensemble import Ensemble, is_ensemble_dir
     from cgnn_dgl.split import load_split
     from cgnn_dgl.train import BEST, CONFIG, HISTORY, SPLIT, load_cache, resolve_device, target_columns
 
     run_dir = Path(run_dir)
-    if not (run_dir / BEST).is_file():
-        raise UsageError(f"{run_dir}: no {BEST} (not a finished training run folder?)")
+    ensemble = is_ensemble_dir(run_dir)
+    if not ensemble and not (run_dir / BEST).is_file():
+        raise UsageError(f"{run_dir}: no {BEST} or ensemble.json (not a finished training run folder?)")
     if split not in ("train", "val", "test"):
         raise UsageError(f"--split must be train, val or test (got {split!r})")
     cfg = load_run_config(run_dir / CONFIG, check_files=False) if (run_dir / CONFIG).is_file() else None
@@ -217,7 +224,8 @@ def evaluate_run(run_dir, cache: str | None = None, split: str = "test", out: st
 
     train_cfg = cfg.train if cfg is not None else TrainConfig()
     dev = resolve_device(device)
-    model, mcfg = load_model(run_dir / BEST, device=dev)
+    ens = Ensemble.load(run_dir, device=dev)
+    mcfg = ens.config
     packed = load_cache(cache or train_cfg.cache)
     if mcfg.geometry:
         from cgnn_dgl.cache import require_bond_ratios
@@ -229,13 +237,17 @@ def evaluate_run(run_dir, cache: str | None = None, split: str = "test", out: st
     idx = parts[split]
     if len(idx) == 0:
         raise UsageError(f"the {split} split of {run_dir} has no crystals in this cache")
-    pred, prob = predict_packed(model, packed, idx, batch_size or train_cfg.eval_batch_size or train_cfg.batch_size,
-                                dev, train_cfg.backend)
+    res = ens.predict(packed, idx, batch_size or train_cfg.eval_batch_size or train_cfg.batch_size, dev,
+                      train_cfg.backend)
+    pred, prob, std = res.mean, res.prob, res.std
     cols = target_columns(mcfg.targets)
     true = packed.y[idx][:, cols]
     mask = packed.y_mask[idx][:, cols]
     metrics = compute_metrics(mcfg.targets, pred, true, mask, train_cfg, prob)
     metrics.update(split=split, n=int(len(idx)), run=str(run_dir))
+    if std is not None:
+        add_uncertainty(metrics, mcfg.targets, res, true, mask, ens.scale)
+        metrics["members"] = len(ens)
     add_mean_baseline(metrics, mcfg.targets, packed.y[parts["train"]][:, cols], packed.y_mask[parts["train"]][:, cols],
                       true, mask)
 
@@ -245,7 +257,7 @@ def evaluate_run(run_dir, cache: str | None = None, split: str = "test", out: st
         w = csv.writer(fh)
         header = ["name", "entry_id"]
         for name in mcfg.targets:
-            header += [f"{name}_pred", f"{name}_true"]
+            header += [f"{name}_pred", f"{name}_true"] + ([f"{name}_std"] if std is not None else [])
         if prob is not None:
             header += ["p_insulator", "p_magnetic"]
         w.writerow(header)
@@ -253,6 +265,8 @@ def evaluate_run(run_dir, cache: str | None = None, split: str = "test", out: st
             row = [packed.names[i], int(packed.entry_id[i])]
             for k in range(len(mcfg.targets)):
                 row += [f"{pred[r, k]:.9g}", f"{true[r, k]:.9g}" if mask[r, k] else ""]
+                if std is not None:
+                    row.append(f"{std[r, k]:.6g}")
             if prob is not None:
                 row += [f"{p:.6g}" for p in prob[r]]
             w.writerow(row)
@@ -263,7 +277,30 @@ def evaluate_run(run_dir, cache: str | None = None, split: str = "test", out: st
             if m.any():
                 parity_plot(out_dir / f"parity_{name}.png", name, pred[m, k], true[m, k], metrics["regression"][name])
         curves_plot(out_dir / "training_curves.png", run_dir / HISTORY)
+        if std is not None:
+            from cgnn_dgl.ensemble import calibration_curve, calibration_plot
+
+            curves = {name: calibration_curve(pred[mask[:, k], k], std[mask[:, k], k], true[mask[:, k], k])
+                      for k, name in enumerate(mcfg.targets) if mask[:, k].any()}
+            calibration_plot(out_dir / "calibration.png", curves,
+                             f"{split} split, {len(ens)}-member ensemble, std calibrated on val")
     return metrics
+
+
+def add_uncertainty(metrics: dict, targets, res, true, mask, scale) -> None:
+    """Per-target uncertainty figures of an ensemble prediction (calibrated, and raw coverage)."""
+    from cgnn_dgl.ensemble import Z95, interval_coverage, uncertainty_metrics
+
+    out = {}
+    for k, name in enumerate(targets):
+        m = mask[:, k]
+        u = uncertainty_metrics(res.mean[m, k], res.std[m, k], true[m, k])
+        u["coverage_95_uncalibrated"] = (interval_coverage(res.mean[m, k], res.std_raw[m, k], true[m, k], Z95)
+                                         if m.any() else None)
+        u["std_scale"] = float(scale[k])
+        u["unit"] = UNITS.get(name, "")
+        out[name] = u
+    metrics["uncertainty"] = out
 
 
 def print_metrics(metrics: dict) -> None:
@@ -281,6 +318,13 @@ def print_metrics(metrics: dict) -> None:
                  num(m["roc_auc"]))
                 for task, m in metrics["classification"].items()]
         print_table("classification", rows, header=["task", "n", "positives", "accuracy", "precision", "recall", "ROC AUC"])
+    if metrics.get("uncertainty"):
+        rows = [(name, u["n"], num(u["spearman_abs_error_std"]), num(u["coverage_68"]), num(u["coverage_95"]),
+                 num(u["coverage_95_uncalibrated"]), num(u["mean_std"]), u["std_scale"])
+                for name, u in metrics["uncertainty"].items()]
+        print_table(f"uncertainty ({metrics.get('members')}-member ensemble; std calibrated on val)", rows,
+                    header=["target", "n", "Spearman |err|~std", "cover 68%", "cover 95%", "cover 95% raw",
+                            "mean std", "std scale"])
 
 
 def _cmd_evaluate(args) -> int:

@@ -24,6 +24,14 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def umask_mode() -> int:
+    """The mode ``open()`` would give a new file (0o666 less the umask): mkstemp's 0600 would keep a
+    cache or a model from being shared with a group."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 @contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator[IO]:
     """``with atomic_open(p) as fh: ...`` — ``p`` appears only when the block finishes without error."""
@@ -31,6 +39,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator[
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, umask_mode())
         with os.fdopen(fd, mode, **kwargs) as fh:
             yield fh
             fh.flush()

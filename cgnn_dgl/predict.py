@@ -8,7 +8,10 @@ input (unreadable file, unknown element, no graph) is listed with its reason on 
 ``<out>.rejects.csv``; it never stops the run.
 
 Output CSV: ``name``, one column per target of the model in physical units (eV/atom, Å³/atom, eV,
-μB/atom), then ``p_insulator`` / ``p_magnetic`` when the model has classification heads.
+μB/atom), then ``p_insulator`` / ``p_magnetic`` when the model has classification heads. With an
+ensemble run folder as ``--model`` (:mod:`cgnn_dgl.ensemble`) each target column is the members' mean
+and is followed by ``<target>_std``, the calibrated ensemble standard deviation in the same unit
+(mean ± 1.96 std is the 95% interval, calibrated on the validation split).
 """
 from __future__ import annotations
 
@@ -181,14 +184,20 @@ def coordinator_params_for(ckpt: dict):
     return DEFAULT_PARAMS
 
 
-def write_predictions(path: Path, names, pred: np.ndarray, targets, prob: np.ndarray | None) -> None:
+def write_predictions(path: Path, names, pred: np.ndarray, targets, prob: np.ndarray | None,
+                      std: np.ndarray | None = None) -> None:
+    """The predictions CSV; with ``std`` a ``<target>_std`` column follows each target column."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
-        header = ["name"] + list(targets) + (["p_insulator", "p_magnetic"] if prob is not None else [])
+        cols = [c for t in targets for c in ((t, f"{t}_std") if std is not None else (t,))]
+        header = ["name"] + cols + (["p_insulator", "p_magnetic"] if prob is not None else [])
         w.writerow(header)
         for i, name in enumerate(names):
-            row = [name] + [f"{v:.9g}" for v in pred[i]]
+            if std is None:
+                row = [name] + [f"{v:.9g}" for v in pred[i]]
+            else:
+                row = [name] + [f"{x:.9g}" for v, s in zip(pred[i], std[i]) for x in (v, s)]
             if prob is not None:
                 row += [f"{v:.6g}" for v in prob[i]]
             w.writerow(row)
@@ -208,20 +217,24 @@ def _cmd_predict(args) -> int:
     if not args.inputs and not args.db:
         raise UsageError("give structure files, folders or JSON lists (or --db URL)")
     from cgnn_dgl.coordinator import CoordinatorParams
+    from cgnn_dgl.ensemble import Ensemble
 
     device = resolve_device(args.device)
-    model, config = load_model(args.model, args.arch, device)  # once, before any structure work
+    ens = Ensemble.load(args.model, device, args.arch)  # once, before any structure work
+    config = ens.config
     # official reference weights were trained on graphs pruned by scikit-learn's KMeans: rebuild those
     pruning = args.pruning if args.pruning != "auto" else ("kmeans" if args.arch else "exact")
     params = CoordinatorParams(pruning=pruning)
     packed, rejects = build_inputs(args.inputs, workers=args.workers, db=args.db, db_limit=args.limit, params=params)
     out = Path(args.out)
     if len(packed):
-        pred, prob = predict_packed(model, packed, batch_size=args.batch_size, device=device, backend=args.backend,
-                                    progress=True)
+        res = ens.predict(packed, batch_size=args.batch_size, device=device, backend=args.backend, progress=True)
+        pred, prob, std = res.mean, res.prob, res.std
     else:
-        pred, prob = np.zeros((0, len(config.targets))), None
-    write_predictions(out, packed.names, pred, config.targets, prob)
+        n_t = len(config.targets)
+        pred, prob = np.zeros((0, n_t)), None
+        std = np.zeros((0, n_t)) if ens.is_ensemble else None
+    write_predictions(out, packed.names, pred, config.targets, prob, std)
     if rejects:
         rej_path = out.with_name(out.stem + ".rejects.csv")
         write_rejects(rej_path, rejects)
@@ -240,7 +253,9 @@ def register(sub) -> None:
         description="Predict with a trained cgnn-dgl checkpoint (RUN/best.pt) or an official reference "
                     "state_dict (give --arch). Bad inputs are listed with reasons and skipped.")
     p.add_argument("inputs", nargs="*", metavar="INPUT", help="CIF/POSCAR files, folders, JSON lists")
-    p.add_argument("--model", required=True, metavar="CKPT", help="best.pt of a run, or a reference model.pth")
+    p.add_argument("--model", required=True, metavar="CKPT",
+                   help="best.pt of a run (or the run folder), an ensemble run folder (train.ensemble > 1: "
+                        "writes <target>_std columns), or a reference model.pth")
     p.add_argument("--out", required=True, metavar="CSV")
     p.add_argument("--arch", choices=["benchmark", "no_edgenet", "complete"],
                    help="preset of a plain reference state_dict (official CGNN checkpoints)")

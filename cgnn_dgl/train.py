@@ -215,6 +215,20 @@ def class_labels(y: torch.Tensor, mask: torch.Tensor, model_targets, train: Trai
     return labels, lmask
 
 
+def class_task_weights(y_train: np.ndarray, m_train: np.ndarray, model_targets, train: TrainConfig) -> torch.Tensor:
+    """1 per classification head (insulator, magnetic), 0 for a task whose training labels are all one class
+    (or absent): such a head can only learn a constant, and its loss would pull on the trunk for nothing."""
+    w = torch.ones(2)
+    labels, lmask = class_labels(torch.as_tensor(y_train), torch.as_tensor(m_train), model_targets, train)
+    for j, task in enumerate(("metal/insulator", "magnetic")):
+        lab = labels[lmask[:, j], j]
+        if lab.numel() == 0 or bool((lab == lab[0]).all()):
+            w[j] = 0.0
+            what = "no labels" if lab.numel() == 0 else f"only class {int(lab[0])} ({lab.numel()} labels)"
+            log.warning("classification task %s: %s in the training split; its loss is off (weight 0)", task, what)
+    return w
+
+
 def build_optimizer(params, t: TrainConfig) -> torch.optim.Optimizer:
     if t.optimizer == "sgd":
         return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, nesterov=True, weight_decay=t.weight_decay)
@@ -222,6 +236,19 @@ def build_optimizer(params, t: TrainConfig) -> torch.optim.Optimizer:
 
 
 def build_scheduler(opt, t: TrainConfig):
+    """The per-epoch LR schedule; with ``warmup_epochs`` W > 0 a linear warm-up (lr/(W+1) -> lr) runs first
+    and the schedule then starts from its own epoch 0 (cosine T_max and milestones count after warm-up)."""
+    main = _main_scheduler(opt, t)
+    if t.warmup_epochs <= 0:
+        return main
+    warm = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0 / (t.warmup_epochs + 1), end_factor=1.0,
+                                             total_iters=t.warmup_epochs)
+    if main is None:
+        return warm
+    return torch.optim.lr_scheduler.SequentialLR(opt, [warm, main], milestones=[t.warmup_epochs])
+
+
+def _main_scheduler(opt, t: TrainConfig):
     if t.scheduler == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=t.milestones[0], eta_min=t.gamma)
     if t.scheduler == "step" or (t.scheduler == "multistep" and t.milestones[0] < 0):
@@ -273,6 +300,9 @@ class Trainer:
         self.loss_kind = torch.tensor([kinds[self.t.loss_of(t)] for t in self.model_targets], device=self.device)
         self.robust_loss = any(self.t.loss_of(t) != "mse" for t in self.model_targets)  # known on the host
         self.has_cls = bool(getattr(cfg.model, "classification_heads", False))
+        self.cls_w = torch.ones(2, device=self.device)
+        if self.has_cls:
+            self.cls_w = class_task_weights(y_tr, m_tr, self.model_targets, self.t).to(self.device)
 
         self.flat = use_flat_loader(self.t, self.device)
         self.heads = HeadsModule(self.model)
@@ -381,7 +411,8 @@ class Trainer:
                         labels, lmask = class_labels(y, mask, self.model_targets, self.t)
                         bce = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), labels, reduction="none")
                         lm = lmask.float()
-                        loss = loss + self.t.classification_weight * ((bce * lm).sum(0) / lm.sum(0).clamp(min=1.0)).sum()
+                        per_c = (bce * lm).sum(0) / lm.sum(0).clamp(min=1.0)
+                        loss = loss + self.t.classification_weight * (per_c * self.cls_w).sum()
                     if train:
                         self.opt.zero_grad(set_to_none=True)
                         loss.backward()
@@ -553,6 +584,10 @@ def train_run(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict
             cfg.save(run_dir / CONFIG)
         dist.barrier()
         packed, split, state = prepare_run(cfg, run_dir, resume, dist)
+        if cfg.train.bootstrap:  # resampled from the seed, so a resumed run draws the same sample
+            from cgnn_dgl.ensemble import bootstrap_indices
+
+            split = dict(split, train=bootstrap_indices(split["train"], cfg.train.seed))
         dist.barrier()
         if dist.main:
             log.info("run %s: %d train / %d val / %d test crystals, targets %s, device %s%s", run_dir,
@@ -601,6 +636,16 @@ def _cmd_train(args) -> int:
     if run_dir is None:
         run_dir = Path(cfg.train.out_dir)
     cfg.train.out_dir = str(run_dir)
+    if args.workers is not None:
+        cfg.train.workers = args.workers
+    if cfg.train.ensemble > 1:
+        from cgnn_dgl.ensemble import ENSEMBLE_JSON, train_ensemble
+
+        summary = train_ensemble(cfg, run_dir, resume=args.resume)
+        scales = ", ".join(f"{t} {s:.3g}" for t, s in summary["calibration"]["scale"].items())
+        print(f"trained {summary['members']} members x {summary['epochs']} epochs; std scale on val: {scales}; "
+              f"ensemble in {run_dir} ({ENSEMBLE_JSON}); predict with --model {run_dir}")
+        return 0
     summary = train_run(cfg, run_dir, resume=args.resume)
     if Dist.from_env().main:
         print(f"trained {summary['epochs']} epochs; best epoch {summary['best_epoch']} "
@@ -621,4 +666,7 @@ def register(sub) -> None:
     p.add_argument("--out", metavar="RUNDIR", help="run folder (overrides train.out_dir)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="overrides train.device")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="ensembles (train.ensemble > 1): train N members at a time in separate processes "
+                        "(overrides train.workers)")
     p.set_defaults(func=_cmd_train)

@@ -8,6 +8,7 @@ PY=${PY:-.venv/bin/python}
 CGNN="$PY -m cgnn_dgl.cli"
 OUT=${DEMO_DIR:-demo}
 ENTRIES=${DEMO_ENTRIES:-4000}
+DEVICE=${DEMO_DEVICE:-cpu}  # make demo DEVICE=cuda: train and evaluate on the GPU
 rm -rf "$OUT"
 mkdir -p "$OUT"
 DB="sqlite:///$OUT/oqmd.sqlite"
@@ -20,11 +21,11 @@ $CGNN db synth --db "$DB" --entries "$ENTRIES" --seed 0 --bad-fraction 0.02
 echo "== 2/6 ingest: database -> crystal graphs -> cache"
 $CGNN ingest --db "$DB" --out "$OUT/cache" --workers 2
 
-echo "== 3/6 train four heads (formation energy, volume/atom, band gap, magnetization)"
-$CGNN train --config configs/demo.yaml --cache "$OUT/cache" --out "$OUT/run"
+echo "== 3/6 train four heads (formation energy, volume/atom, band gap, magnetization) on $DEVICE"
+$CGNN train --config configs/demo.yaml --cache "$OUT/cache" --out "$OUT/run" --device "$DEVICE"
 
 echo "== 4/6 evaluate on the held-out test split"
-$CGNN evaluate --run "$OUT/run"
+$CGNN evaluate --run "$OUT/run" --device "$DEVICE"
 
 echo "== 5/6 predict one CIF (a bundled AFLOW prototype)"
 $CGNN examples --out "$OUT/cif" --limit 1

@@ -279,3 +279,27 @@ def test_cache_without_ratios_loads_and_names_the_rebuild(tmp_path, records):
 
 
 RATIO_KEY = "ratio"
+
+
+def test_a_shard_of_only_rejects_is_valid(tmp_path):
+    """Issue 8.1: zero crystals in a shard used to crash read_shard_arrays (atom_off of length 1)."""
+    rejects = [Reject(1, "in/a.cif", "parse_error", "bad"), Reject(2, "in/b.vasp", "parse_error", "bad")]
+    _write(tmp_path / "c", rejects)
+    m = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert [s["n_graphs"] for s in m["shards"]] == [0]
+    assert len(load_packed(tmp_path / "c")) == 0
+    assert "in/b.vasp" in (tmp_path / "c" / "rejects.csv").read_text()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_cache_files_respect_the_umask(tmp_path, records, umask):
+    """Issue 8.7: atomic writes used mkstemp's 0600 whatever the umask."""
+    import os
+
+    old = os.umask(umask)
+    try:
+        _write(tmp_path / "c", records[:40])
+    finally:
+        os.umask(old)
+    files = [p for p in (tmp_path / "c").rglob("*") if p.is_file()]
+    assert files and {p.stat().st_mode & 0o777 for p in files} == {0o666 & ~umask}

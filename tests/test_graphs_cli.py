@@ -282,3 +282,19 @@ def test_a_targets_column_no_input_has_stops_before_building(tmp_path, shared, c
     assert "all 3 inputs were rejected while reading (unknown_column)" in err
     assert "has no column bulk_modulus (columns: (unnamed), material_id, cif, heat_all)" in err
     assert not (tmp_path / "c" / "manifest.json").exists()
+
+
+def test_all_bad_inputs_end_cleanly_with_rejects_listed(tmp_path, capsys):
+    """Issue 8.1: a folder of bad files, and a JSON list of one 2x2-lattice record, used to crash."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "x.cif").write_text("garbage\n")
+    (tmp_path / "in" / "x.vasp").write_text("junk\n")
+    assert main(["graphs", str(tmp_path / "in"), "--out", str(tmp_path / "c1")]) == 0
+    names = [r["name"] for r in csv.DictReader((tmp_path / "c1" / "rejects.csv").open())]
+    assert sorted(Path(n).name for n in names) == ["x.cif", "x.vasp"]
+    assert len(load_packed(tmp_path / "c1")) == 0
+    bad = [{"name": "m1", "lattice": [[1, 0], [0, 1]], "species": ["Na"], "coords": [[0, 0, 0]]}]
+    (tmp_path / "l.json").write_text(json.dumps(bad))
+    assert main(["graphs", str(tmp_path / "l.json"), "--out", str(tmp_path / "c2")]) == 0
+    rows = list(csv.DictReader((tmp_path / "c2" / "rejects.csv").open()))
+    assert len(rows) == 1 and len(load_packed(tmp_path / "c2")) == 0

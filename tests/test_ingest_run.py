@@ -243,3 +243,14 @@ def test_password_never_shown(synth_mariadb, tmp_path):
                 json.loads((tmp_path / "ro2" / "manifest.json").read_text())["source"]["db"]
     finally:
         admin.dispose()
+
+
+def test_ingest_of_only_bad_entries_lists_them(tmp_path):
+    """Issue 8.1: `db synth --bad-fraction 1.0` then ingest used to crash writing a shard of no graphs."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'bad.sqlite'}", must_exist=False)
+    synthesize(engine, 50, seed=1, bad_fraction=1.0)
+    engine.dispose()
+    s = run_ingest(f"sqlite:///{tmp_path / 'bad.sqlite'}", tmp_path / "c", workers=1, progress=False)
+    assert s.graphs_written == 0 and sum(s.rejects.values()) == s.entries_read > 0
+    rows = list(csv.DictReader((tmp_path / "c" / "rejects.csv").open()))
+    assert len(rows) == s.entries_read

@@ -369,3 +369,25 @@ def test_learns_perov5_better_than_mean(shared, tmp_path):
     print({k: v for k, v in res.items() if isinstance(v, dict)})
     for target in ("formation_energy", "volume_per_atom"):
         assert res[target]["model_mae"] < 0.85 * res[target]["mean_mae"], res
+
+
+def test_single_class_classification_tasks_do_not_pull(caplog):
+    """A classification head whose training labels are one class (or none) gets loss weight 0, with a warning."""
+    import logging
+
+    from cgnn_dgl.train import class_task_weights
+
+    t = TrainConfig()
+    targets = ["formation_energy", "band_gap", "magnetization"]
+    y = np.array([[0.1, 0.0, 0.0], [0.2, 1.5, 0.0], [0.3, 0.0, 0.0], [0.4, 2.0, 0.01]])
+    m = np.ones_like(y, dtype=bool)
+    with caplog.at_level(logging.WARNING, logger="cgnn_dgl.train"):
+        w = class_task_weights(y, m, targets, t)
+    assert w.tolist() == [1.0, 0.0]  # gaps on both sides of 0 eV; every moment below 0.05 μB/atom
+    assert "magnetic: only class 0 (4 labels)" in caplog.text
+    m[:, 1] = False  # no band-gap labels at all
+    assert class_task_weights(y, m, targets, t).tolist() == [0.0, 0.0]
+    y[3, 2] = 0.5
+    m[:, 1] = True
+    assert class_task_weights(y, m, targets, t).tolist() == [1.0, 1.0]
+    assert class_task_weights(y, m, ["formation_energy"], t).tolist() == [0.0, 0.0]  # no head inputs

@@ -1,0 +1,394 @@
+"""Ensembles: N members in one run folder, averaged at prediction, with a recalibrated std per target.
+
+Why: the spread of independently trained models is a usable, cheap uncertainty (committee models), and
+the mean of N models is more accurate than one (the CGNN paper's best OQMD figure is an ensemble).
+
+Run folder (``train.ensemble: N`` > 1)::
+
+    config.yaml        the resolved run config (train.ensemble = N)
+    split.json         the one train/val/test split every member uses
+    member_k/          a complete single run (config.yaml with seed = train.seed + k, split.json, last.pt,
+                       best.pt, history.csv, done.json when finished); with ``train.bootstrap`` member k
+                       trains on a bootstrap resample (drawn from its seed) of the training split
+    ensemble.json      the members, and the calibration: one std scale factor per target
+
+``cgnn train --out RUN --resume`` resumes it like a single run: finished members are skipped, the
+interrupted one continues from its ``last.pt`` (bit for bit on CPU), and the calibration is redone.
+Members train one after another, or ``train.workers`` (``--workers``) at a time in separate processes.
+
+Prediction: the mean over members, and ``std`` = ``scale_t`` × the population standard deviation
+(ddof 0) of the member predictions. ``scale_t`` is fitted on the validation split so that the
+interval mean ± 1.96 std covers 95% of it: ``scale_t`` = (95th percentile of |error| / raw std) / 1.96.
+A single model (``RUN/best.pt``) predicts through the same interface with ``std`` None.
+
+Python API for other tools (e.g. screening): ``Ensemble.load(path).predict(packed)`` or
+:func:`predict_with_uncertainty`, both returning a :class:`Prediction` (mean, std, probabilities).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cgnn_dgl.errors import CgnnError, UsageError
+from cgnn_dgl.fileio import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+ENSEMBLE_JSON = "ensemble.json"
+FORMAT = "cgnn-dgl-ensemble"
+FORMAT_VERSION = 1
+DONE = "done.json"
+Z95 = 1.959963984540054  # two-sided 95% quantile of the standard normal
+Z68 = 0.994457883209753  # two-sided 68% quantile
+_TINY = 1e-12  # floor for a zero spread (identical members), so ratios stay finite
+
+
+def member_dir(run_dir: Path, k: int) -> Path:
+    return Path(run_dir) / f"member_{k}"
+
+
+def is_ensemble_dir(path) -> bool:
+    return Path(path).is_dir() and (Path(path) / ENSEMBLE_JSON).is_file()
+
+
+# --------------------------------------------------------------------------------------------------
+# calibration and uncertainty metrics (plain numpy: testable on synthetic data)
+
+
+def interval_coverage(mean, std, true, z: float) -> float:
+    """Fraction of ``true`` inside ``mean ± z std`` (NaN for no data)."""
+    err = np.abs(np.asarray(true, float) - np.asarray(mean, float))
+    if err.size == 0:
+        return float("nan")
+    return float(np.mean(err <= z * np.asarray(std, float)))
+
+
+def calibration_scale(mean, std, true, level: float = 0.95) -> float:
+    """The factor s so that ``mean ± z_level s std`` covers ``level`` of the given data (1.0 without data)."""
+    from scipy.stats import norm
+
+    err = np.abs(np.asarray(true, float) - np.asarray(mean, float))
+    if err.size == 0:
+        return 1.0
+    r = err / np.maximum(np.asarray(std, float), _TINY)
+    s = float(np.quantile(r, level)) / float(norm.ppf(0.5 + level / 2))
+    return s if math.isfinite(s) and s > 0 else 1.0
+
+
+def spearman(a, b) -> float | None:
+    """Spearman rank correlation (ties averaged); None when undefined (fewer than 3 points, a constant)."""
+    from scipy.stats import spearmanr
+
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if a.size < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return None
+    return float(spearmanr(a, b).statistic)
+
+
+def uncertainty_metrics(mean, std, true) -> dict:
+    """Per target: Spearman(|error|, std), coverage of the 68% and 95% intervals, mean std."""
+    err = np.abs(np.asarray(true, float) - np.asarray(mean, float))
+    return {
+        "n": int(err.size),
+        "spearman_abs_error_std": spearman(err, std),
+        "coverage_68": interval_coverage(mean, std, true, Z68) if err.size else None,
+        "coverage_95": interval_coverage(mean, std, true, Z95) if err.size else None,
+        "mean_std": float(np.mean(std)) if err.size else None,
+    }
+
+
+def calibration_curve(mean, std, true, levels=None) -> tuple[np.ndarray, np.ndarray]:
+    """(nominal levels, observed coverage) of the central Gaussian intervals ``mean ± z(level) std``."""
+    from scipy.stats import norm
+
+    levels = np.linspace(0.05, 0.99, 48) if levels is None else np.asarray(levels, float)
+    err = np.abs(np.asarray(true, float) - np.asarray(mean, float))
+    std = np.asarray(std, float)
+    obs = np.array([np.mean(err <= norm.ppf(0.5 + p / 2) * std) if err.size else np.nan for p in levels])
+    return levels, obs
+
+
+def calibration_plot(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray]], title: str) -> None:
+    """One reliability diagram: observed vs nominal coverage, a line per target (diagonal = calibrated)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.8, 4.5), dpi=110)
+    ax.plot([0, 1], [0, 1], color="0.5", lw=1, label="calibrated")
+    for name, (p, obs) in curves.items():
+        ax.plot(p, obs, lw=1.5, label=name)
+    ax.set_xlabel("nominal coverage of mean ± z·std")
+    ax.set_ylabel("observed coverage")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------------
+# prediction
+
+
+@dataclass
+class Prediction:
+    """Physical-unit predictions of a model or ensemble for ``n`` crystals, columns ``targets``.
+
+    ``std`` is the calibrated ensemble std (None for a single model), ``std_raw`` the member spread
+    before calibration, ``prob`` the mean classification probabilities (insulator, magnetic) or None,
+    ``members`` the per-member predictions ``(M, n, T)``.
+    """
+
+    targets: tuple[str, ...]
+    mean: np.ndarray
+    std: np.ndarray | None = None
+    std_raw: np.ndarray | None = None
+    prob: np.ndarray | None = None
+    members: np.ndarray | None = None
+
+
+class Ensemble:
+    """Members (CGNN models with one config) and per-target std scale factors."""
+
+    def __init__(self, models: list, config, scale=None, source: str = ""):
+        if not models:
+            raise CgnnError("an ensemble needs at least one member")
+        self.models = list(models)
+        self.config = config
+        self.targets = tuple(config.targets)
+        self.scale = np.ones(len(self.targets)) if scale is None else np.asarray(scale, float).reshape(-1)
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.models)
+
+    @property
+    def is_ensemble(self) -> bool:
+        return len(self.models) > 1
+
+    @classmethod
+    def load(cls, path, device: str | torch.device = "cpu", arch: str | None = None) -> Ensemble:
+        """An ensemble run folder (``ensemble.json``), a single run folder (``best.pt``) or a checkpoint file
+        (cgnn-dgl, or a reference state_dict with ``arch``)."""
+        from cgnn_dgl.predict import load_model
+
+        path = Path(path)
+        if is_ensemble_dir(path):
+            info = read_ensemble_json(path)
+            ens = cls.load_members(path, info["members"], device)
+            ens.scale = np.array([info.get("calibration", {}).get("scale", {}).get(t, 1.0) for t in ens.targets])
+            return ens
+        if path.is_dir():
+            if (path / "best.pt").is_file():
+                path = path / "best.pt"
+            elif (path / "config.yaml").is_file():
+                raise UsageError(f"{path}: an unfinished run (no best.pt, no {ENSEMBLE_JSON}); finish it with "
+                                 f"`cgnn train --out {path} --resume`")
+            else:
+                raise UsageError(f"{path}: not a run folder (no best.pt or {ENSEMBLE_JSON})")
+        model, config = load_model(path, arch, device)
+        return cls([model], config, source=str(path))
+
+    @classmethod
+    def load_members(cls, run_dir, members, device: str | torch.device = "cpu") -> Ensemble:
+        """The checkpoints ``members`` (paths relative to ``run_dir``), uncalibrated (scale 1)."""
+        from cgnn_dgl.predict import load_model
+
+        models, configs = [], []
+        for rel in members:
+            model, config = load_model(Path(run_dir) / rel, device=device)
+            models.append(model)
+            configs.append(config)
+        if any(tuple(c.targets) != tuple(configs[0].targets) for c in configs):
+            raise CgnnError(f"{run_dir}: the members predict different targets")
+        return cls(models, configs[0], source=str(run_dir))
+
+    def predict(self, packed, indices=None, batch_size: int = 512, device: str | torch.device = "cpu",
+                backend: str = "auto", progress: bool = False) -> Prediction:
+        from cgnn_dgl.predict import predict_packed
+
+        preds, probs = [], []
+        for k, model in enumerate(self.models):
+            if progress and self.is_ensemble:
+                log.info("member %d/%d", k + 1, len(self.models))
+            p, prob = predict_packed(model, packed, indices, batch_size, device, backend, progress=progress)
+            preds.append(p)
+            probs.append(prob)
+        members = np.stack(preds)
+        mean = members.mean(axis=0)
+        prob = np.mean(np.stack(probs), axis=0) if probs[0] is not None else None
+        if not self.is_ensemble:
+            return Prediction(self.targets, mean, prob=prob, members=members)
+        raw = members.std(axis=0)
+        return Prediction(self.targets, mean, raw * self.scale, raw, prob, members)
+
+
+def predict_with_uncertainty(model_path, packed, indices=None, *, batch_size: int = 512,
+                             device: str | torch.device = "cpu", backend: str = "auto") -> Prediction:
+    """Mean and calibrated std of an ensemble run folder (std None for a single model) on ``packed``."""
+    return Ensemble.load(model_path, device).predict(packed, indices, batch_size, device, backend)
+
+
+def read_ensemble_json(run_dir) -> dict:
+    path = Path(run_dir) / ENSEMBLE_JSON
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CgnnError(f"{path}: unreadable ({exc})") from None
+    if info.get("format") != FORMAT:
+        raise CgnnError(f"{path}: not a cgnn-dgl ensemble description")
+    if info.get("format_version", 0) > FORMAT_VERSION:
+        raise CgnnError(f"{path}: written by a newer cgnn-dgl")
+    return info
+
+
+# --------------------------------------------------------------------------------------------------
+# training
+
+
+def member_config(cfg, k: int, run_dir: Path, workers: int = 1):
+    """Member k's run config: a plain single run with seed ``train.seed + k`` in ``member_k/``."""
+    from cgnn_dgl.config import RunConfig
+
+    d = cfg.to_dict()
+    d["train"].update(ensemble=1, seed=cfg.train.seed + k, out_dir=str(member_dir(run_dir, k)), workers=1)
+    if workers > 1:
+        d["train"]["progress"] = False  # bars of parallel processes would interleave
+        if cfg.train.num_threads <= 0:
+            d["train"]["num_threads"] = max(1, (os.cpu_count() or 1) // workers)
+    return RunConfig.from_dict(d, check_files=False)
+
+
+def bootstrap_indices(train_idx: np.ndarray, seed: int) -> np.ndarray:
+    """A bootstrap resample (with replacement, same size) of the training indices, drawn from ``seed``."""
+    rng = np.random.default_rng([int(seed), 0xB0075])
+    return np.sort(rng.choice(np.asarray(train_idx), size=len(train_idx), replace=True))
+
+
+def _train_member(cfg, run_dir: str) -> dict:
+    """Train (or resume) one member to the end and mark it done (runs in a worker process too)."""
+    from cgnn_dgl.train import LAST, train_run
+
+    if not logging.getLogger().handlers:  # a spawned worker: keep the members' epoch lines
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    d = Path(run_dir)
+    summary = train_run(cfg, d, resume=(d / LAST).is_file())
+    atomic_write_json(d / DONE, {"epochs": summary["epochs"], "best_epoch": summary["best_epoch"],
+                                 "best_score": summary["best_score"], "seed": cfg.train.seed,
+                                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    return summary
+
+
+def train_ensemble(cfg, run_dir, resume: bool = False) -> dict:
+    """Train (or resume) the ``cfg.train.ensemble`` members in ``run_dir``, then calibrate on val."""
+    from cgnn_dgl.split import save_split
+    from cgnn_dgl.train import CONFIG, LAST, SPLIT, Dist, load_cache, make_split
+
+    run_dir = Path(run_dir)
+    n = int(cfg.train.ensemble)
+    if Dist.from_env().enabled:
+        raise UsageError("train.ensemble > 1 trains members as separate processes (--workers); "
+                         "do not launch it with torchrun")
+    started = [k for k in range(n) if (member_dir(run_dir, k) / LAST).is_file()]
+    if (started or (run_dir / ENSEMBLE_JSON).is_file()) and not resume:
+        raise UsageError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(run_dir / CONFIG)
+    packed = load_cache(cfg.train.cache)
+    split_path = run_dir / SPLIT
+    if not split_path.is_file():  # one split for every member, fixed before the first one trains
+        split = make_split(packed, cfg.train)
+        save_split(split_path, split, packed.entry_id, packed.names, method="formula",
+                   seed=cfg.train.split_seed, source=str(cfg.train.split_file or "formula_split"))
+    workers = max(1, min(int(cfg.train.workers), n))
+    jobs = []
+    for k in range(n):
+        d = member_dir(run_dir, k)
+        if (d / DONE).is_file():
+            continue
+        d.mkdir(exist_ok=True)
+        if not (d / SPLIT).is_file():
+            (d / SPLIT).write_bytes(split_path.read_bytes())
+        jobs.append((member_config(cfg, k, run_dir, workers), str(d)))
+    log.info("ensemble %s: %d members (%d to train%s)", run_dir, n, len(jobs),
+             f", {workers} at a time" if workers > 1 else "")
+    if workers > 1 and len(jobs) > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+            for fut in [pool.submit(_train_member, c, d) for c, d in jobs]:
+                fut.result()
+    else:
+        for c, d in jobs:
+            _train_member(c, d)
+    info = calibrate_ensemble(run_dir, cfg, packed)
+    return {"run_dir": str(run_dir), "members": n, "epochs": cfg.train.epochs,
+            "calibration": info["calibration"]}
+
+
+def calibrate_ensemble(run_dir, cfg, packed) -> dict:
+    """Fit one std scale per target on the validation split and write ``ensemble.json``."""
+    from cgnn_dgl.split import load_split
+    from cgnn_dgl.train import SPLIT, resolve_device, target_columns
+
+    run_dir = Path(run_dir)
+    n = int(cfg.train.ensemble)
+    members = [f"member_{k}/best.pt" for k in range(n)]
+    missing = [m for m in members if not (run_dir / m).is_file()]
+    if missing:
+        raise CgnnError(f"{run_dir}: members without a best.pt: {', '.join(missing)}")
+    device = resolve_device(cfg.train.device)
+    ens = Ensemble.load_members(run_dir, members, device)
+    parts = load_split(run_dir / SPLIT, packed.entry_id, packed.names)
+    val = parts["val"]
+    cols = target_columns(ens.targets)
+    calib: dict = {"split": "val", "level": 0.95, "scale": {}, "n": {}, "coverage_95_raw": {},
+                   "coverage_95": {}, "coverage_68": {}}
+    if len(val):
+        pred = ens.predict(packed, val, cfg.train.eval_batch_size or cfg.train.batch_size, device, cfg.train.backend)
+        for k, t in enumerate(ens.targets):
+            m = packed.y_mask[val, cols[k]]
+            true = packed.y[val, cols[k]][m]
+            mean, raw = pred.mean[m, k], pred.std_raw[m, k]
+            s = calibration_scale(mean, raw, true, 0.95)
+            calib["scale"][t] = s
+            calib["n"][t] = int(m.sum())
+            calib["coverage_95_raw"][t] = interval_coverage(mean, raw, true, Z95) if m.any() else None
+            calib["coverage_95"][t] = interval_coverage(mean, s * raw, true, Z95) if m.any() else None
+            calib["coverage_68"][t] = interval_coverage(mean, s * raw, true, Z68) if m.any() else None
+    else:
+        log.warning("no validation split: the ensemble std is left uncalibrated (scale 1)")
+        calib["scale"] = dict.fromkeys(ens.targets, 1.0)
+    info = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "members": members,
+        "seeds": [cfg.train.seed + k for k in range(n)],
+        "bootstrap": bool(cfg.train.bootstrap),
+        "targets": list(ens.targets),
+        "units": {t: u for t, u in packed.units.items() if t in ens.targets},
+        "std": "scale[target] x population std (ddof 0) of the member predictions, in the target's unit",
+        "calibration": calib,
+        "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    atomic_write_json(run_dir / ENSEMBLE_JSON, info)
+    for t in ens.targets:
+        if t in calib["n"]:
+            log.info("calibration %s: scale %.4g, val coverage of the 95%% interval %.3f -> %.3f (n=%d)", t,
+                     calib["scale"][t], calib["coverage_95_raw"][t] or float("nan"),
+                     calib["coverage_95"][t] or float("nan"), calib["n"][t])
+    return info
+

@@ -1,0 +1,270 @@
+"""Ensembles: calibration on a synthetic case with a known answer, uncertainty metrics, the run folder,
+`cgnn predict --model RUN` std columns, evaluate's uncertainty report, kill -9 resume, parallel members."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_train import same_weights, tiny_config, usable_rows, weights, write_cache
+
+from cgnn_dgl.ensemble import (
+    ENSEMBLE_JSON,
+    Z68,
+    Z95,
+    Ensemble,
+    bootstrap_indices,
+    calibration_curve,
+    calibration_scale,
+    interval_coverage,
+    spearman,
+    uncertainty_metrics,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+TARGETS4 = ("formation_energy", "volume_per_atom", "band_gap", "magnetization")
+
+
+def _cli(*args, env=None, timeout=600):
+    return subprocess.run([sys.executable, "-m", "cgnn_dgl.cli", *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=timeout, env=env)
+
+
+def _read(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+# --------------------------------------------------------------------------------------------------
+# calibration: synthetic data with a known answer
+
+
+def _synthetic(rng, n, true_factor):
+    """Predicted std per point, and errors drawn with std = true_factor x predicted std."""
+    std = rng.uniform(0.1, 2.0, n)
+    mean = rng.normal(size=n)
+    true = mean + rng.normal(size=n) * std * true_factor
+    return mean, std, true
+
+
+@pytest.mark.parametrize("true_factor", [3.0, 0.4])
+def test_recalibration_moves_coverage_to_nominal(true_factor):
+    """Errors are Gaussian with std = c x the raw std, so the right scale is c; fitted on a validation
+    sample it brings the 95% coverage of fresh data from far off to ~95% (and the 68% one to ~68%)."""
+    rng = np.random.default_rng(0)
+    val = _synthetic(rng, 4000, true_factor)
+    test = _synthetic(rng, 20000, true_factor)
+    raw_val = interval_coverage(*val[:2], val[2], Z95)
+    s = calibration_scale(*val, level=0.95)
+    assert s == pytest.approx(true_factor, rel=0.05)
+    after_val = interval_coverage(val[0], s * val[1], val[2], Z95)
+    assert abs(after_val - 0.95) < abs(raw_val - 0.95) and abs(after_val - 0.95) < 0.005
+    raw_test = interval_coverage(*test[:2], test[2], Z95)
+    after_test = interval_coverage(test[0], s * test[1], test[2], Z95)
+    assert abs(raw_test - 0.95) > 0.04  # clearly miscalibrated before (too wide: ~100% covered)
+    assert abs(after_test - 0.95) < 0.01
+    assert abs(interval_coverage(test[0], s * test[1], test[2], Z68) - 0.68) < 0.02
+
+
+def test_calibration_edge_cases():
+    assert calibration_scale([], [], []) == 1.0
+    # identical members (std 0) with errors: a finite, large factor, never inf / nan
+    s = calibration_scale([0.0, 0.0, 1.0], [0.0, 0.0, 0.0], [0.5, 0.0, 1.0])
+    assert np.isfinite(s) and s > 0
+
+
+def test_uncertainty_metrics_by_hand():
+    mean = np.zeros(4)
+    true = np.array([0.5, -1.5, 3.0, 0.1])
+    std = np.array([1.0, 1.0, 1.0, 1.0])
+    u = uncertainty_metrics(mean, std, true)
+    # |err| = .5, 1.5, 3, .1: inside 0.994 -> 2 of 4; inside 1.96 -> 3 of 4
+    assert u["coverage_68"] == 0.5 and u["coverage_95"] == 0.75 and u["n"] == 4
+    assert u["spearman_abs_error_std"] is None  # constant std: rank correlation undefined
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    _levels, obs = calibration_curve(mean, std, true, levels=[0.68, 0.95])
+    assert obs.tolist() == [0.5, 0.75]
+
+
+def test_bootstrap_is_a_seeded_resample():
+    idx = np.arange(100, 300)
+    a, b, c = bootstrap_indices(idx, 1), bootstrap_indices(idx, 1), bootstrap_indices(idx, 2)
+    assert a.tolist() == b.tolist() and a.tolist() != c.tolist()
+    assert len(a) == len(idx) and set(a) <= set(idx) and len(set(a)) < len(idx)  # with replacement
+
+
+# --------------------------------------------------------------------------------------------------
+# a trained two-member ensemble
+
+
+@pytest.fixture(scope="module")
+def ensemble_run(tmp_path_factory, dev_corpus):
+    from cgnn_dgl.ensemble import train_ensemble
+
+    root = tmp_path_factory.mktemp("ens")
+    rows = usable_rows(dev_corpus, 200, sources=("perov_val",))
+    cache = write_cache(root / "cache", rows, seed=1)
+    cfg = tiny_config(cache, root / "run", epochs=2, ensemble=2, bootstrap=True)
+    summary = train_ensemble(cfg, root / "run")
+    return root, rows, cfg, summary
+
+
+def test_ensemble_run_folder(ensemble_run):
+    root, _, cfg, _summary = ensemble_run
+    run = root / "run"
+    info = json.loads((run / ENSEMBLE_JSON).read_text())
+    assert info["members"] == ["member_0/best.pt", "member_1/best.pt"]
+    assert info["seeds"] == [cfg.train.seed, cfg.train.seed + 1] and info["bootstrap"] is True
+    assert set(info["calibration"]["scale"]) == set(TARGETS4)
+    assert all(s > 0 for s in info["calibration"]["scale"].values())
+    for k in range(2):
+        d = run / f"member_{k}"
+        assert (d / "best.pt").is_file() and (d / "done.json").is_file()
+        assert (d / "split.json").read_text() == (run / "split.json").read_text()
+    assert not same_weights(weights(run / "member_0" / "best.pt"), weights(run / "member_1" / "best.pt"))
+    # the calibration moved the val coverage of the 95% interval to (about) 95% wherever there is spread
+    cal = info["calibration"]
+    for t in TARGETS4:
+        if cal["n"][t] >= 10:
+            assert abs(cal["coverage_95"][t] - 0.95) <= abs(cal["coverage_95_raw"][t] - 0.95) + 1e-12
+
+
+def test_predict_ensemble_folder_writes_std_columns(ensemble_run, tmp_path):
+    """`cgnn predict --model RUN`: the members' mean, and a non-negative <target>_std beside each target."""
+    root, rows, _, _ = ensemble_run
+    json_in = tmp_path / "in.json"
+    json_in.write_text(json.dumps([{k: r[k] for k in ("name", "lattice", "numbers", "frac")} for r in rows[:12]]))
+    out = tmp_path / "p.csv"
+    r = _cli("predict", "--model", str(root / "run"), str(json_in), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    got = _read(out)
+    assert list(got[0]) == ["name"] + [c for t in TARGETS4 for c in (t, f"{t}_std")]
+    std = np.array([[float(row[f"{t}_std"]) for t in TARGETS4] for row in got])
+    assert np.isfinite(std).all() and (std >= 0).all() and (std > 0).any()
+    # the mean column is the average of the members' own predictions
+    singles = []
+    for k in range(2):
+        r = _cli("predict", "--model", str(root / "run" / f"member_{k}" / "best.pt"), str(json_in),
+                 "--out", str(tmp_path / f"m{k}.csv"))
+        assert r.returncode == 0, r.stderr
+        singles.append(np.array([[float(row[t]) for t in TARGETS4] for row in _read(tmp_path / f"m{k}.csv")]))
+    mean = np.array([[float(row[t]) for t in TARGETS4] for row in got])
+    np.testing.assert_allclose(mean, (singles[0] + singles[1]) / 2, rtol=1e-6, atol=1e-6)
+    info = json.loads((root / "run" / ENSEMBLE_JSON).read_text())
+    scale = np.array([info["calibration"]["scale"][t] for t in TARGETS4])
+    np.testing.assert_allclose(std, np.abs(singles[0] - singles[1]) / 2 * scale, rtol=1e-4, atol=1e-6)
+
+
+def test_evaluate_ensemble_reports_uncertainty(ensemble_run, tmp_path):
+    root, _, _, _ = ensemble_run
+    r = _cli("evaluate", "--run", str(root / "run"), "--out", str(tmp_path / "ev"), "--split", "val")
+    assert r.returncode == 0, r.stderr
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert metrics["members"] == 2
+    for t in TARGETS4:
+        u = metrics["uncertainty"][t]
+        assert {"spearman_abs_error_std", "coverage_68", "coverage_95", "coverage_95_uncalibrated", "std_scale"} <= set(u)
+    info = json.loads((root / "run" / ENSEMBLE_JSON).read_text())
+    for t in TARGETS4:  # on the split it was fitted on, evaluate reproduces the calibration's coverage
+        if info["calibration"]["n"][t]:
+            assert metrics["uncertainty"][t]["coverage_95"] == pytest.approx(info["calibration"]["coverage_95"][t])
+    assert (tmp_path / "ev" / "calibration.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = _read(tmp_path / "ev" / "val_predictions.csv")
+    assert all(float(row[f"{t}_std"]) >= 0 for row in rows for t in TARGETS4)
+    assert "cover 95%" in r.stdout
+
+
+def test_single_model_through_the_ensemble_interface(ensemble_run):
+    from cgnn_dgl.batching import PackedGraphs  # noqa: F401  (load_packed returns it)
+    from cgnn_dgl.cache import load_packed
+
+    root, _, _, _ = ensemble_run
+    packed = load_packed(root / "cache")
+    one = Ensemble.load(root / "run" / "member_0")
+    assert not one.is_ensemble
+    res = one.predict(packed, np.arange(5))
+    assert res.std is None and res.mean.shape == (5, 4)
+    ens = Ensemble.load(root / "run")
+    res = ens.predict(packed, np.arange(5))
+    assert res.members.shape == (2, 5, 4) and (res.std >= 0).all()
+
+
+# --------------------------------------------------------------------------------------------------
+# kill -9 in the middle of the second member, then --resume; and members in parallel processes
+
+
+def test_ensemble_sigkill_then_resume_matches_uninterrupted(tmp_path, dev_corpus):
+    from cgnn_dgl.ensemble import train_ensemble
+
+    cache = write_cache(tmp_path / "cache", usable_rows(dev_corpus, 160), seed=3)
+    epochs = 8
+    cfg = tiny_config(cache, tmp_path / "killed", epochs=epochs, batch_size=16, num_threads=1)
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg.save(cfg_file)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "cgnn_dgl.cli", "train", "--config", str(cfg_file),
+                             "--set", "train.ensemble=2", "--out", str(tmp_path / "killed")],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    hist = tmp_path / "killed" / "member_1" / "history.csv"
+    deadline = time.time() + 300
+    killed_after = None
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if hist.is_file() and len(hist.read_text().splitlines()) >= 3:  # member 1 has >= 2 epochs
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+                killed_after = len(hist.read_text().splitlines()) - 1
+                break
+            time.sleep(0.005)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert killed_after is not None, f"run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+    assert killed_after < epochs and not (tmp_path / "killed" / ENSEMBLE_JSON).exists()
+    again = _cli("train", "--out", str(tmp_path / "killed"), env=env)  # without --resume: refused
+    assert again.returncode == 2 and "--resume" in again.stderr
+    r = _cli("train", "--out", str(tmp_path / "killed"), "--resume", env=env)
+    assert r.returncode == 0, r.stderr
+    torch.set_num_threads(1)
+    try:
+        straight = tiny_config(cache, tmp_path / "straight", epochs=epochs, batch_size=16, num_threads=1, ensemble=2)
+        train_ensemble(straight, tmp_path / "straight")
+    finally:
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+    for k in range(2):
+        a = torch.load(tmp_path / "killed" / f"member_{k}" / "last.pt", weights_only=True)
+        assert a["epoch"] == epochs
+        assert same_weights(a["model"], weights(tmp_path / "straight" / f"member_{k}" / "last.pt"))
+    ka = json.loads((tmp_path / "killed" / ENSEMBLE_JSON).read_text())["calibration"]["scale"]
+    kb = json.loads((tmp_path / "straight" / ENSEMBLE_JSON).read_text())["calibration"]["scale"]
+    assert ka == kb
+
+
+def test_parallel_members_equal_sequential(tmp_path, dev_corpus):
+    from cgnn_dgl.ensemble import train_ensemble
+
+    cache = write_cache(tmp_path / "cache", usable_rows(dev_corpus, 120), seed=4)
+    torch.set_num_threads(1)
+    try:
+        train_ensemble(tiny_config(cache, tmp_path / "seq", epochs=2, num_threads=1, ensemble=2), tmp_path / "seq")
+    finally:
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cfg = tiny_config(cache, tmp_path / "par", epochs=2, num_threads=1, ensemble=2)
+    cfg.save(tmp_path / "cfg.yaml")
+    r = _cli("train", "--config", str(tmp_path / "cfg.yaml"), "--out", str(tmp_path / "par"), "--workers", "2", env=env)
+    assert r.returncode == 0, r.stderr
+    assert "2 members" in r.stdout
+    for k in range(2):
+        assert same_weights(weights(tmp_path / "seq" / f"member_{k}" / "best.pt"),
+                            weights(tmp_path / "par" / f"member_{k}" / "best.pt"))
