@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "cgnn_dgl.train",      # cgnn train
     "cgnn_dgl.evaluate",   # cgnn evaluate
     "cgnn_dgl.predict",    # cgnn predict
+    "cgnn_dgl.screen",     # cgnn screen, cgnn screen merge
 )
 
 

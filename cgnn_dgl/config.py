@@ -564,3 +564,24 @@ def load_run_config(path: str | Path | None, overrides: list[str] | None = None,
     """Read a YAML/JSON run config, apply ``--set`` overrides and validate (``check_files``: that a
     configured split file exists; off for a finished run, which has its own split.json)."""
     return RunConfig.from_dict(apply_overrides(read_config_file(path), overrides), check_files=check_files)
+
+
+@dataclass(frozen=True)
+class ScreenConfig:
+    """Settings of one `cgnn screen` run (cgnn_dgl/screen.py); built from the command line, recorded in
+    the output folder's screen.json so that a rerun resumes only with the same settings."""
+
+    model: str
+    prototype: str
+    sites: tuple[tuple[tuple[int, ...], tuple[str, ...]], ...]  # (site indices, element pool) per --site
+    out: str
+    top: int = 20
+    db: str | None = None
+    rank_by: str | None = None  # a model target or e_above_hull; None = the default rule of screen.py
+    descending: bool = False
+    shard: tuple[int, int] = (0, 1)
+    chunk_size: int = 8192  # decoration keys per chunk (one atomically written part file each)
+    batch_size: int = 1024
+    device: str = "cpu"
+    selection: str = "reference"  # ingest's rule for which calculation represents a known material
+    symprec: float = 1e-3

@@ -171,6 +171,19 @@ def load_model(path: str | os.PathLike, arch: str | None = None, device: str | t
     return model, config
 
 
+def coordinator_params_for(ckpt: dict):
+    """The coordinator settings a checkpoint's graphs were built with (its ``coordinator`` record when it has
+    one; the reference KMeans pruning for plain reference state_dicts; the defaults otherwise)."""
+    from cgnn_dgl.coordinator import DEFAULT_PARAMS, CoordinatorParams
+
+    rec = ckpt.get("coordinator") if isinstance(ckpt, dict) else None
+    if isinstance(rec, dict):
+        return CoordinatorParams(**rec)
+    if isinstance(ckpt, dict) and ckpt and not ckpt_mod.is_cgnn_checkpoint(ckpt):
+        return CoordinatorParams(pruning="kmeans")
+    return DEFAULT_PARAMS
+
+
 def write_predictions(path: Path, names, pred: np.ndarray, targets, prob: np.ndarray | None,
                       std: np.ndarray | None = None) -> None:
     """The predictions CSV; with ``std`` a ``<target>_std`` column follows each target column."""
