@@ -3,15 +3,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import sigkill_after_lines
 
 from cgnn_dgl.config import RunConfig, TrainConfig, apply_overrides, load_run_config
 from cgnn_dgl.errors import UsageError
@@ -293,20 +292,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(cache, tmp_path):
                              str(tmp_path / "killed")], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     hist = tmp_path / "killed" / "history.csv"
-    deadline = time.time() + 240
-    killed_after = None
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            if hist.is_file() and len(hist.read_text().splitlines()) >= 3:  # >= 2 epochs done
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait()
-                killed_after = len(hist.read_text().splitlines()) - 1
-                break
-            time.sleep(0.005)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    killed_after = sigkill_after_lines(proc, hist, 3, timeout=240)  # >= 2 epochs done
     assert killed_after is not None, f"run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
     assert killed_after < epochs
     r = _cli("train", "--out", str(tmp_path / "killed"), "--resume", env=env)
