@@ -5,6 +5,7 @@ band gap; magnetization is masked (no labels). An internal formula-grouped split
 model is selected on val and scored on test, next to a mean predictor (train-split mean).
 
     python bench/learn_perov5.py [--epochs 300] [--preset benchmark] [--limit N] [--out runs/perov5]
+    python bench/learn_perov5.py --config configs/accurate.yaml     # a config file's model and train sections
 """
 from __future__ import annotations
 
@@ -121,6 +122,8 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", default=str(REPO / "runs" / "perov5"))
+    ap.add_argument("--config", default=None,
+                    help="YAML config (e.g. configs/accurate.yaml): its model and train sections replace the flags")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="train config override, e.g. --set target_loss={band_gap: l1} (YAML value)")
     args = ap.parse_args(argv)
@@ -133,11 +136,20 @@ def main(argv=None) -> int:
 
     # the four-head configs' loss choice (configs/benchmark.yaml); --set target_loss={} for plain MSE
     overrides = {"target_loss": {"band_gap": "l1", "magnetization": "l1"}}
+    model = None
+    if args.config:
+        with open(args.config) as fh:
+            doc = yaml.safe_load(fh) or {}
+        model = dict(doc.get("model") or {})
+        model.pop("targets", None)  # the check's own four columns
+        train = {k: v for k, v in (doc.get("train") or {}).items() if k not in ("device", "out_dir")}
+        overrides.update(train)
     for item in args.set:
         key, _, value = item.partition("=")
         overrides[key.strip()] = yaml.safe_load(value)
-    res = run_learning_check(packed, args.out, epochs=args.epochs, preset=args.preset, batch_size=args.batch_size,
-                             lr=args.lr, train_overrides=overrides)
+    res = run_learning_check(packed, args.out, epochs=args.epochs, model=model,
+                             preset=None if model and "preset" in model else args.preset,
+                             batch_size=args.batch_size, lr=args.lr, train_overrides=overrides)
     rows = []
     for name in ("formation_energy", "volume_per_atom", "band_gap", "magnetization"):
         r = res.get(name)

@@ -557,8 +557,11 @@ def _cmd_cache(args) -> int:
     from cgnn_dgl.report import print_table
 
     if args.cache_command == "export":
-        n = export_json(args.cache, args.out)
-        print(f"wrote {n} graphs (name, key, numbers, neighbors, targets) to {args.out}")
+        from cgnn_dgl.fileio import output_file
+
+        out = output_file(args.out, "graphs.json")
+        n = export_json(args.cache, out)
+        print(f"wrote {n} graphs (name, key, numbers, neighbors, targets) to {out}")
         return 0
     if args.cache_command == "merge":
         totals = merge_caches(args.inputs, args.out)
@@ -599,5 +602,6 @@ def register(sub) -> None:
     merge.add_argument("--out", required=True)
     exp = csub.add_parser("export", help="write the graphs as JSON in the reference layout (numbers, neighbors)")
     exp.add_argument("cache")
-    exp.add_argument("--out", required=True, metavar="JSON")
+    exp.add_argument("--out", required=True, metavar="JSON",
+                     help="JSON file, or an existing folder to write graphs.json in")
     p.set_defaults(func=_cmd_cache)

@@ -71,3 +71,24 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: fh.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def output_file(out: str | os.PathLike, default_name: str) -> Path:
+    """Where a command that writes one file puts it, checked before any work starts: ``out`` itself, or
+    ``out/default_name`` when ``out`` is an existing folder (like ``--out`` of the folder-writing commands).
+    Raises UsageError when it could not be written (its nearest existing folder is not writable)."""
+    from cgnn_dgl.errors import UsageError
+
+    path = Path(out)
+    if path.is_dir():
+        path = path / default_name
+    if path.is_dir():
+        raise UsageError(f"--out {path} is a folder; give a file name")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"cannot write --out {path}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UsageError(f"cannot write --out {path}: no write permission in {parent}; choose another --out")
+    return path

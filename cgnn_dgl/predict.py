@@ -218,7 +218,9 @@ def _cmd_predict(args) -> int:
         raise UsageError("give structure files, folders or JSON lists (or --db URL)")
     from cgnn_dgl.coordinator import CoordinatorParams
     from cgnn_dgl.ensemble import Ensemble
+    from cgnn_dgl.fileio import output_file
 
+    out = output_file(args.out, "predictions.csv")  # before any model or structure work
     device = resolve_device(args.device)
     ens = Ensemble.load(args.model, device, args.arch)  # once, before any structure work
     config = ens.config
@@ -226,7 +228,6 @@ def _cmd_predict(args) -> int:
     pruning = args.pruning if args.pruning != "auto" else ("kmeans" if args.arch else "exact")
     params = CoordinatorParams(pruning=pruning)
     packed, rejects = build_inputs(args.inputs, workers=args.workers, db=args.db, db_limit=args.limit, params=params)
-    out = Path(args.out)
     if len(packed):
         res = ens.predict(packed, batch_size=args.batch_size, device=device, backend=args.backend, progress=True)
         pred, prob, std = res.mean, res.prob, res.std
@@ -256,7 +257,9 @@ def register(sub) -> None:
     p.add_argument("--model", required=True, metavar="CKPT",
                    help="best.pt of a run (or the run folder), an ensemble run folder (train.ensemble > 1: "
                         "writes <target>_std columns), or a reference model.pth")
-    p.add_argument("--out", required=True, metavar="CSV")
+    p.add_argument("--out", required=True, metavar="CSV",
+                   help="predictions CSV, or an existing folder to write predictions.csv in (rejects go "
+                        "next to it as <name>.rejects.csv)")
     p.add_argument("--arch", choices=["benchmark", "no_edgenet", "complete"],
                    help="preset of a plain reference state_dict (official CGNN checkpoints)")
     p.add_argument("--db", metavar="URL", help="also predict the entries of this database (needs ingest.reader)")

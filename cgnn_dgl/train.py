@@ -566,6 +566,28 @@ def prepare_run(cfg: RunConfig, run_dir: Path, resume: bool, dist: Dist):
     return packed, split, state
 
 
+def check_trainable(cfg: RunConfig, packed, split: dict[str, np.ndarray]) -> None:
+    """Refuse, before any epoch runs, a run that would learn nothing yet exit 0 (issue 8): no epochs, no
+    labels for the chosen targets in the training split, or no validation crystals to select a model on.
+    (``train.epochs: 0`` is refused by :func:`train_run` before the run folder is made.)"""
+    t = cfg.train
+    n_tr, n_va, n_te = (len(split[k]) for k in ("train", "val", "test"))
+    sizes = f"{n_tr} train / {n_va} val / {n_te} test crystals"
+    if n_tr == 0:
+        raise CgnnError(f"the training split is empty ({sizes}); build the cache from more structures")
+    used = t.used_targets(cfg.model.targets)
+    if not packed.y_mask[split["train"]][:, target_columns(used)].any():
+        raise CgnnError(f"no crystal of the training split ({n_tr}) has a label for {', '.join(used)}; build the "
+                        "cache from labelled data (e.g. `cgnn ingest`) or pick labelled targets with "
+                        "--set train.targets=[...]")
+    if n_va == 0:
+        if t.val_fraction > 0:
+            raise CgnnError(f"the validation split is empty ({sizes}), so no model can be selected; use more "
+                            "crystals, raise train.val_fraction, give train.split_file, or pass "
+                            "--set train.val_fraction=0 to select the model on the training score")
+        log.warning("no validation crystals (train.val_fraction=0): the best model is chosen on the training score")
+
+
 def train_run(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
     """Train (or resume) a run in ``run_dir``; returns a summary. Used by the CLI and by tests."""
     run_dir = Path(run_dir)
@@ -577,6 +599,8 @@ def train_run(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.world))
     dist.init(device)
     try:
+        if cfg.train.epochs == 0:
+            raise UsageError("train.epochs is 0, so nothing would be trained; set train.epochs to 1 or more")
         if (run_dir / LAST).is_file() and not resume:  # checked by every rank, so none waits forever
             raise UsageError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
         if dist.main:
@@ -595,8 +619,12 @@ def train_run(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict
                      f", {dist.world} processes" if dist.enabled else "")
             if state is not None:
                 log.info("resuming after epoch %d (best epoch %d)", state["epoch"], state["best_epoch"])
+        check_trainable(cfg, packed, split)
         trainer = Trainer(cfg, run_dir, packed, split, dist, resume_state=state)
         summary = trainer.fit()
+        if summary["best_epoch"] < 0:
+            raise CgnnError(f"no epoch of {run_dir} gave a finite score (NaN losses?), so no {BEST} was written; "
+                            "try a lower train.lr or check the labels")
         summary.update(run_dir=str(run_dir), n_train=len(split["train"]), n_val=len(split["val"]),
                        n_test=len(split["test"]))
         return summary

@@ -29,6 +29,10 @@ SCHEMA_SQL = SQL_DIR / "schema.sql"
 ELEMENTS_SQL = SQL_DIR / "seed_elements.sql"
 
 
+_PASSWORD_HINT = (f"URL-encode the password (urllib.parse.quote(password, safe='')) or leave it out of the URL "
+                  f"(mysql+pymysql://user@host:3306/qmdb) and put it in ${ENV_PASSWORD}")
+
+
 def resolve_url(value: str | None) -> URL:
     """``--db`` value (or ``$CGNN_DB_URL``) -> SQLAlchemy URL; raises UsageError when there is none."""
     value = value or os.environ.get(ENV_URL)
@@ -37,10 +41,16 @@ def resolve_url(value: str | None) -> URL:
                          "(e.g. sqlite:///demo/oqmd.sqlite or mysql+pymysql://user@127.0.0.1:3306/qmdb)")
     if "://" not in value:
         value = "sqlite:///" + str(Path(value))
+    # An unescaped '@' in the password makes SQLAlchemy split the URL in the wrong place, and the pieces
+    # (part of the password as a "host") would end up in messages; so refuse it without echoing anything.
+    if value.split("://", 1)[1].split("?", 1)[0].count("@") > 1:
+        raise UsageError("the database URL looks malformed: more than one '@' before the host (an unescaped '@' "
+                         f"in the password?); {_PASSWORD_HINT}")
     try:
         url = make_url(value)
     except Exception:
-        raise UsageError("cannot parse the database URL (expected e.g. mysql+pymysql://user@host:3306/qmdb)") from None
+        raise UsageError("cannot parse the database URL (expected e.g. mysql+pymysql://user@host:3306/qmdb); "
+                         f"{_PASSWORD_HINT}") from None
     if url.drivername in ("mysql", "mariadb", "mariadb+pymysql"):
         url = url.set(drivername="mysql+pymysql")
     if url.drivername not in ("mysql+pymysql", "sqlite", "sqlite+pysqlite"):

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -54,3 +56,21 @@ def readonly_mysql_user(admin_engine, database: str):
         with admin_engine.connect() as conn:
             for host in hosts:
                 conn.exec_driver_sql(f"DROP USER IF EXISTS '{user}'@'{host}'")
+
+
+def sigkill_after_lines(proc, path: Path, lines: int, timeout: float) -> int | None:
+    """kill -9 ``proc`` as soon as ``path`` holds ``lines`` lines; the data rows it had then, or None if the
+    process ended (or the timeout passed) first. Shared by the kill-and-resume tests."""
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if path.is_file() and len(path.read_text().splitlines()) >= lines:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+                return len(path.read_text().splitlines()) - 1
+            time.sleep(0.005)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return None

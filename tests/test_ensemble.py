@@ -5,15 +5,14 @@ from __future__ import annotations
 import csv
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import sigkill_after_lines
 from test_train import same_weights, tiny_config, usable_rows, weights, write_cache
 
 from cgnn_dgl.ensemble import (
@@ -215,20 +214,7 @@ def test_ensemble_sigkill_then_resume_matches_uninterrupted(tmp_path, dev_corpus
                              "--set", "train.ensemble=2", "--out", str(tmp_path / "killed")],
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     hist = tmp_path / "killed" / "member_1" / "history.csv"
-    deadline = time.time() + 300
-    killed_after = None
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            if hist.is_file() and len(hist.read_text().splitlines()) >= 3:  # member 1 has >= 2 epochs
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait()
-                killed_after = len(hist.read_text().splitlines()) - 1
-                break
-            time.sleep(0.005)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    killed_after = sigkill_after_lines(proc, hist, 3, timeout=300)  # member 1 has >= 2 epochs
     assert killed_after is not None, f"run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
     assert killed_after < epochs and not (tmp_path / "killed" / ENSEMBLE_JSON).exists()
     again = _cli("train", "--out", str(tmp_path / "killed"), env=env)  # without --resume: refused

@@ -441,6 +441,36 @@ def test_url_handling(monkeypatch, tmp_path):
         make_engine(f"sqlite:///{tmp_path / 'missing.sqlite'}")
 
 
+PASSWORD_PIECES = ("p@ss", "ss/w", "w:rd", "rd%Z", "%Z", "%3A", "%25", "%40", "***@")
+
+
+@pytest.mark.parametrize("url", ["mysql+pymysql://user:p@ss/w:rd%Z@127.0.0.1:3306/qmdb",
+                                 "mysql://user:p@ss/w:rd%Z@127.0.0.1/qmdb?charset=utf8mb4"])
+def test_malformed_url_never_echoes_the_password(url, monkeypatch):
+    """Issue 8: an unescaped '@' in the password is refused as malformed, no piece of it in the message."""
+    from cgnn_dgl.errors import UsageError
+
+    monkeypatch.delenv("CGNN_DB_PASSWORD", raising=False)
+    with pytest.raises(UsageError, match="looks malformed") as e:
+        resolve_url(url)
+    msg = str(e.value)
+    assert not [p for p in PASSWORD_PIECES if p in msg], msg
+    assert "URL-encode" in msg and "$CGNN_DB_PASSWORD" in msg
+
+
+def test_malformed_url_cli_one_line_no_leak(tmp_path):
+    import subprocess
+    import sys
+
+    url = "mysql+pymysql://user:p@ss/w:rd%Z@127.0.0.1:3306/qmdb"
+    r = subprocess.run([sys.executable, "-m", "cgnn_dgl.cli", "ingest", "--db", url, "--out", str(tmp_path / "c")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    out = r.stdout + r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "looks malformed" in r.stderr, r.stderr
+    assert not [p for p in PASSWORD_PIECES if p in out], out
+
+
 @needs_mysql
 @pytest.mark.parametrize("fixture_db", ["mariadb"], indirect=True)
 def test_read_only_user_and_no_password_leak(fixture_db, caplog):

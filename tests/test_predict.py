@@ -159,6 +159,22 @@ def test_predict_trained_checkpoint_files_and_bad_inputs(trained_run, tmp_path):
     assert "rejected" in r.stderr
 
 
+def test_predict_out_folder_and_unwritable_out_up_front(trained_run, tmp_path):
+    """Issue 8, defect 9: --out EXISTING_DIR writes DIR/predictions.csv; an --out that cannot be written is
+    a one-line error before the model is even loaded (here the model path is missing too)."""
+    root, rows = trained_run
+    js = tmp_path / "list.json"
+    js.write_text(json.dumps([{k: rows[0][k] for k in ("name", "lattice", "numbers", "frac")}]))
+    (tmp_path / "outdir").mkdir()
+    r = _cli("predict", "--model", str(root / "run" / "best.pt"), str(js), "--out", str(tmp_path / "outdir"))
+    assert r.returncode == 0, r.stderr
+    assert len(_read(tmp_path / "outdir" / "predictions.csv")) == 1
+    (tmp_path / "afile").write_text("x")
+    r = _cli("predict", "--model", str(tmp_path / "missing.pt"), str(js), "--out", str(tmp_path / "afile" / "p.csv"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "cannot write --out" in r.stderr, r.stderr
+
+
 def test_predict_matches_evaluate(trained_run, tmp_path):
     """predict (CIF -> coordinator graph) agrees with evaluate (cached graph) where the graphs agree, and
     both are in physical units."""

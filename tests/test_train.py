@@ -3,15 +3,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import sigkill_after_lines
 
 from cgnn_dgl.config import RunConfig, TrainConfig, apply_overrides, load_run_config
 from cgnn_dgl.errors import UsageError
@@ -40,7 +39,7 @@ def synthetic_targets(numbers: np.ndarray, lattice: np.ndarray, rng) -> tuple[np
     return y, mask
 
 
-def write_cache(path: Path, rows: list[dict], seed: int = 0) -> Path:
+def write_cache(path: Path, rows: list[dict], seed: int = 0, labelled: bool = True) -> Path:
     """A real on-disk cache (CacheWriter) from reference neighbour lists, with synthetic targets."""
     from cgnn_dgl.cache import Built, CacheWriter, ShardStream
 
@@ -53,6 +52,7 @@ def write_cache(path: Path, rows: list[dict], seed: int = 0) -> Path:
         counts = np.array([len(n) for n in row["neighbors"]], np.int64)
         nbr = np.array([i for n in row["neighbors"] for i in n], np.int64)
         y, mask = synthetic_targets(numbers, np.asarray(row["lattice"]), rng)
+        mask = mask if labelled else np.zeros_like(mask)
         stream.add(Built(key, row["name"], numbers, counts, nbr, np.where(mask, y, 0.0), mask))
     stream.flush()
     writer.close()
@@ -292,20 +292,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(cache, tmp_path):
                              str(tmp_path / "killed")], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     hist = tmp_path / "killed" / "history.csv"
-    deadline = time.time() + 240
-    killed_after = None
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            if hist.is_file() and len(hist.read_text().splitlines()) >= 3:  # >= 2 epochs done
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait()
-                killed_after = len(hist.read_text().splitlines()) - 1
-                break
-            time.sleep(0.005)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    killed_after = sigkill_after_lines(proc, hist, 3, timeout=240)  # >= 2 epochs done
     assert killed_after is not None, f"run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
     assert killed_after < epochs
     r = _cli("train", "--out", str(tmp_path / "killed"), "--resume", env=env)
@@ -391,3 +378,37 @@ def test_single_class_classification_tasks_do_not_pull(caplog):
     m[:, 1] = True
     assert class_task_weights(y, m, targets, t).tolist() == [1.0, 1.0]
     assert class_task_weights(y, m, ["formation_energy"], t).tolist() == [0.0, 0.0]  # no head inputs
+
+
+# --------------------------------------------------------------------------------------------------
+# runs that would learn nothing are refused (issue 8, defect 6)
+
+
+def test_zero_epochs_is_a_one_line_error_exit_2(cache, tmp_path):
+    r = _cli("train", "--config", str(REPO / "configs" / "tiny.yaml"), "--cache", str(cache),
+             "--out", str(tmp_path / "r"), "--set", "train.epochs=0", "--set", "train.progress=false")
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert len(r.stderr.strip().splitlines()) == 1 and "train.epochs is 0" in r.stderr, r.stderr
+    assert "best epoch" not in r.stdout and not (tmp_path / "r").exists()
+
+
+def test_no_labels_for_the_targets_is_an_error(dev_corpus, tmp_path):
+    from cgnn_dgl.errors import CgnnError
+    from cgnn_dgl.train import train_run
+
+    c = write_cache(tmp_path / "c", usable_rows(dev_corpus, 60), labelled=False)
+    with pytest.raises(CgnnError, match="has a label for formation_energy") as e:
+        train_run(tiny_config(c, tmp_path / "r", epochs=1), tmp_path / "r")
+    assert "train.targets" in str(e.value) and not (tmp_path / "r" / "best.pt").exists()
+
+
+def test_empty_validation_split_is_an_error_unless_chosen(dev_corpus, tmp_path):
+    from cgnn_dgl.errors import CgnnError
+    from cgnn_dgl.train import train_run
+
+    c = write_cache(tmp_path / "c", usable_rows(dev_corpus, 6))  # < 10 formulas: int(0.1 n) = 0 val
+    with pytest.raises(CgnnError, match=r"validation split is empty \(\d+ train / 0 val") as e:
+        train_run(tiny_config(c, tmp_path / "r", epochs=1), tmp_path / "r")
+    assert "train.val_fraction=0" in str(e.value)
+    s = train_run(tiny_config(c, tmp_path / "r0", epochs=1, val_fraction=0.0), tmp_path / "r0")
+    assert s["best_epoch"] == 1 and (tmp_path / "r0" / "best.pt").is_file()
