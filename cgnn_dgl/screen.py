@@ -296,42 +296,33 @@ def _pruner(params):
 
 
 class Predictor:
-    """The model(s) a screen scores with, loaded once through :mod:`cgnn_dgl.predict`.
-
-    ``std`` is the spread of an ensemble's members; a single checkpoint has none. Hook for ensembles
-    (issue 11): when ``cgnn_dgl.predict`` offers ``load_ensemble(path)`` returning several (model, config)
-    members, :meth:`__call__` averages them and reports their standard deviation as ``<target>_std``.
-    """
+    """The model a screen scores with: one checkpoint or an ensemble run folder, through
+    :class:`cgnn_dgl.ensemble.Ensemble` (the same code `cgnn predict` uses), so that ``std`` is the
+    ensemble's calibrated standard deviation (None for a single checkpoint)."""
 
     def __init__(self, path: str, device: str = "cpu", batch_size: int = 1024):
         from cgnn_dgl import predict
+        from cgnn_dgl.ensemble import Ensemble, is_ensemble_dir, read_ensemble_json
 
         self.path = str(path)
         self.device = device
         self.batch_size = batch_size
-        loader = getattr(predict, "load_ensemble", None)
-        if loader is not None and Path(path).is_dir():
-            members = loader(path, device=device)
-        else:
-            members = [predict.load_model(path, device=device)]
-        self.models = [m for m, _ in members]
-        self.config = members[0][1]
-        self.targets = tuple(self.config.targets)
+        self.ensemble = Ensemble.load(path, device=device)
+        self.config = self.ensemble.config
+        self.targets = tuple(self.ensemble.targets)
         self.has_probs = bool(getattr(self.config, "classification_heads", False))
-        self.is_ensemble = len(self.models) > 1
-        self.params = predict.coordinator_params_for(predict.ckpt_mod.load(path) if not Path(path).is_dir() else {})
-        self.labels = _model_labels(path)
+        self.is_ensemble = self.ensemble.is_ensemble
+        # the checkpoint whose coordinator settings built the training graphs (member 0 of an ensemble)
+        first = Path(path) / read_ensemble_json(path)["members"][0] if is_ensemble_dir(path) else Path(path)
+        if first.is_dir():
+            first = first / "best.pt"
+        self.params = predict.coordinator_params_for(predict.ckpt_mod.load(first))
+        self.labels = _model_labels(str(first))
 
     def __call__(self, packed):
         """(mean (m, T), std (m, T) or None, probabilities (m, 2) or None) in physical units."""
-        from cgnn_dgl.predict import predict_packed
-
-        outs = [predict_packed(m, packed, batch_size=self.batch_size, device=self.device) for m in self.models]
-        preds = np.stack([o[0] for o in outs])
-        probs = [o[1] for o in outs if o[1] is not None]
-        prob = np.mean(np.stack(probs), axis=0) if probs else None
-        std = preds.std(axis=0, ddof=1) if len(outs) > 1 else None
-        return preds.mean(axis=0), std, prob
+        res = self.ensemble.predict(packed, batch_size=self.batch_size, device=self.device)
+        return res.mean, res.std, res.prob
 
 
 def _model_labels(path: str) -> str:

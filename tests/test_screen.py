@@ -70,3 +70,153 @@ def test_bad_site_arguments(site, message):
 
     with pytest.raises(UsageError, match=message):
         Decorations.build(perovskite(), [parse_site(site)])
+
+
+# --------------------------------------------------------------------------------------------------
+# end to end with a trained (tiny, 2-member) ensemble: screen == predict, volumes, ensemble std
+
+
+def _read_csv(path):
+    import csv
+
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+TARGETS4 = ("formation_energy", "volume_per_atom", "band_gap", "magnetization")
+SITES = (((0,), ("Ca", "Sr", "Ba")), ((1,), ("Ti", "Zr")), ((2, 3, 4), ("O", "F")))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, dev_corpus):
+    from test_train import tiny_config, usable_rows, write_cache
+
+    from cgnn_dgl.ensemble import train_ensemble
+    from cgnn_dgl.fileio import atomic_write_text
+
+    root = tmp_path_factory.mktemp("screen")
+    rows = usable_rows(dev_corpus, 200, sources=("perov_val",))
+    cache = write_cache(root / "cache", rows, seed=1)
+    train_ensemble(tiny_config(cache, root / "run", epochs=2, ensemble=2, bootstrap=True), root / "run")
+    from pymatgen.io.cif import CifWriter
+
+    atomic_write_text(root / "proto.cif", str(CifWriter(perovskite().to_pymatgen())))
+    return root
+
+
+def _screen(root, model, out, **kw):
+    from cgnn_dgl.config import ScreenConfig
+    from cgnn_dgl.screen import Screen, finish
+
+    cfg = ScreenConfig(model=str(model), prototype=str(root / "proto.cif"), sites=SITES, out=str(out),
+                       top=kw.pop("top", 3), **kw)
+    screen = Screen(cfg, progress=False)
+    stats = screen.run()
+    if cfg.shard[1] == 1:
+        finish([out], out, cfg.top, run_stats=stats, hull=screen.hull)
+    return screen
+
+
+def _predict_cli(model, inputs, out):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    r = subprocess.run([sys.executable, "-m", "cgnn_dgl.cli", "predict", "--model", str(model), *map(str, inputs),
+                        "--out", str(out)], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0, r.stderr[-2000:]
+    return _read_csv(out)
+
+
+def test_screen_equals_predict_and_cif_volume(trained, tmp_path):
+    """Each candidate's predictions are `cgnn predict`'s on the decorated prototype written as CIF; the top
+    CIFs hold V = predicted volume_per_atom x n, and predicting those scaled cells gives the same numbers."""
+    from pymatgen.core import Element, Structure
+    from pymatgen.io.cif import CifWriter
+
+    from cgnn_dgl.screen import scaled_structure
+
+    model = trained / "run" / "member_0" / "best.pt"
+    out = tmp_path / "s"
+    _screen(trained, model, out, top=4)
+    rows = _read_csv(out / "candidates.csv")
+    assert len(rows) == 3 * 2 * 4  # X pool of 2 on 3 equivalent sites: C(4, 3) = 4 multisets
+    assert "formation_energy_std" not in rows[0]
+    proto = perovskite()
+    cifs = tmp_path / "cifs"
+    cifs.mkdir()
+    for r in rows:
+        numbers = proto.numbers.copy()
+        for s in range(5):
+            numbers[s] = Element(r[f"site_{s}"]).Z
+        (cifs / f"k{r['key']}.cif").write_text(str(CifWriter(scaled_structure(proto, numbers, None).to_pymatgen())))
+    got = {p["name"].removesuffix(".cif").removeprefix("k"): p for p in _predict_cli(model, [cifs], tmp_path / "p.csv")}
+    assert len(got) == len(rows)
+    for r in rows:
+        p = got[r["key"]]
+        for t in TARGETS4:
+            assert float(r[t]) == pytest.approx(float(p[t]), rel=1e-5, abs=1e-6), (r["formula"], t)
+    tops = sorted((out / "top").glob("*.cif"))
+    assert len(tops) == 4
+    pred_top = _predict_cli(model, tops, tmp_path / "t.csv")
+    for rank, (path, p) in enumerate(zip(tops, pred_top), start=1):
+        r = rows[rank - 1]
+        assert int(r["rank"]) == rank and path.name.startswith(f"{rank:04d}_")
+        s = Structure.from_file(path)
+        assert s.volume == pytest.approx(float(r["volume_per_atom"]) * len(s), rel=1e-5)
+        for t in TARGETS4:  # scale invariance: the scaled cell predicts what the prototype cell did
+            assert float(p[t]) == pytest.approx(float(r[t]), rel=1e-5, abs=1e-6), (path.name, t)
+
+
+def test_ensemble_run_writes_std_columns(trained, tmp_path):
+    """`--model RUN` of an ensemble: the members' mean and the calibrated std, as `cgnn predict` gives them."""
+    out = tmp_path / "e"
+    _screen(trained, trained / "run", out)
+    rows = _read_csv(out / "candidates.csv")
+    assert all(f"{t}_std" in rows[0] for t in TARGETS4)
+    std = np.array([[float(r[f"{t}_std"]) for t in TARGETS4] for r in rows])
+    assert np.isfinite(std).all() and (std >= 0).all() and (std > 0).any()
+    single = {r["key"]: r for r in _read_csv(_screen(trained, trained / "run" / "member_0" / "best.pt",
+                                                      tmp_path / "m0").out / "candidates.csv")}
+    other = {r["key"]: r for r in _read_csv(_screen(trained, trained / "run" / "member_1" / "best.pt",
+                                                     tmp_path / "m1").out / "candidates.csv")}
+    for r in rows:
+        for t in TARGETS4:
+            mean = (float(single[r["key"]][t]) + float(other[r["key"]][t])) / 2
+            assert float(r[t]) == pytest.approx(mean, rel=1e-5, abs=1e-6)
+
+
+def test_resume_and_shards_equal_one_run(trained, tmp_path):
+    """Deleting one part file recomputes only that chunk, to the same candidates.csv; shards + merge == one run."""
+    import os
+
+    from cgnn_dgl.screen import PARTS, finish
+
+    model = trained / "run" / "member_0" / "best.pt"
+    full = tmp_path / "full"
+    s = _screen(trained, model, full, chunk_size=5)
+    parts = sorted((full / PARTS).glob("*.csv"))
+    assert len(parts) == s.n_chunks > 2
+    before = (full / "candidates.csv").read_bytes()
+    stamps = {p: os.stat(p).st_mtime_ns for p in parts}
+    parts[1].unlink()
+    s2 = _screen(trained, model, full, chunk_size=5)
+    assert s2.run()["chunks_run"] == 0  # already complete after the rerun
+    for p in parts:
+        if p != parts[1]:
+            assert os.stat(p).st_mtime_ns == stamps[p]
+    assert parts[1].exists() and (full / "candidates.csv").read_bytes() == before
+    shards = []
+    for i in range(2):
+        d = tmp_path / f"shard{i}"
+        _screen(trained, model, d, chunk_size=5, shard=(i, 2))
+        shards.append(d)
+    merged = tmp_path / "merged"
+    finish(shards, merged, 3)
+    # a shard batches other candidates together, so floats may differ in the last digits (batched sums);
+    # the ranking (key order) and the values to 1e-6 are the same as one full run's
+    one, joined = _read_csv(full / "candidates.csv"), _read_csv(merged / "candidates.csv")
+    assert [r["key"] for r in joined] == [r["key"] for r in one]
+    for a, b in zip(one, joined):
+        for t in TARGETS4:
+            assert float(b[t]) == pytest.approx(float(a[t]), rel=1e-6, abs=1e-7)
