@@ -585,3 +585,4 @@ class ScreenConfig:
     device: str = "cpu"
     selection: str = "reference"  # ingest's rule for which calculation represents a known material
     symprec: float = 1e-3
+    overlap_tolerance: float = 0.5  # Å: a prototype with atoms closer than this is refused (coordinator.OVERLAP_TOLERANCE)

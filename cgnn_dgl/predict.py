@@ -102,15 +102,19 @@ def _gather_items(inputs, db: str | None, db_limit: int | None):
         for path in paths:
             if path.suffix.lower() == ".json":
                 try:
-                    for obj in crystals_from_json(path):
-                        items.append(BuildItem(key, obj))
+                    for k, obj in enumerate(crystals_from_json(path)):  # rejects name the file and row
+                        row = f"{path}[{k}]" + (f" {obj.name}" if getattr(obj, "name", "") else "")
+                        items.append(BuildItem(key, obj, name=row))
                         key += 1
                 except (StructureError, ValueError, OSError) as exc:
                     rejects.append(Reject(key, str(path), "parse_error", f"{path}: {exc}"))
                     key += 1
             else:
-                items.append(BuildItem(key, path))
-                key += 1
+                from cgnn_dgl.readers import cif_block_records
+
+                for rec in cif_block_records(path) or [None]:  # a multi-block CIF: every block
+                    items.append(BuildItem(key, path) if rec is None else BuildItem(key, rec.source, name=rec.label))
+                    key += 1
     if db:
         try:
             from ingest.db import make_engine, resolve_url
@@ -138,9 +142,10 @@ def build_inputs(inputs, workers: int = 1, db: str | None = None, db_limit: int 
     """(PackedGraphs of the good inputs, list of Reject) for prediction inputs (graphs built with ``params``)."""
     from cgnn_dgl.batching import PackedGraphs
     from cgnn_dgl.cache import Built, Reject
-    from cgnn_dgl.pipeline import build_many
+    from cgnn_dgl.pipeline import build_many, input_name
 
     items, rejects = _gather_items(inputs, db, db_limit)
+    given = {it.key: input_name(it) for it in items}  # rejects found after the build name the input too
     built = []
     for res in build_many(items, workers=workers, params=params):
         if isinstance(res, Built):
@@ -156,7 +161,8 @@ def build_inputs(inputs, workers: int = 1, db: str | None = None, db_limit: int 
             for i in np.flatnonzero(~ok):
                 z = packed.numbers[packed.node_ptr[i]:packed.node_ptr[i + 1]].astype(int)
                 bad = sorted(set(z.tolist()) - set(SPECIES_Z))
-                rejects.append(Reject(int(packed.entry_id[i]), packed.names[i], "unsupported_element",
+                key = int(packed.entry_id[i])
+                rejects.append(Reject(key, given.get(key, packed.names[i]), "unsupported_element",
                                       f"element(s) Z={bad} outside the model's 89 species"))
             packed = packed.subset(np.flatnonzero(ok))
     rejects.sort(key=lambda r: r.key)
@@ -226,7 +232,7 @@ def _cmd_predict(args) -> int:
     config = ens.config
     # official reference weights were trained on graphs pruned by scikit-learn's KMeans: rebuild those
     pruning = args.pruning if args.pruning != "auto" else ("kmeans" if args.arch else "exact")
-    params = CoordinatorParams(pruning=pruning)
+    params = CoordinatorParams(pruning=pruning, overlap_tolerance=args.overlap_tolerance)
     packed, rejects = build_inputs(args.inputs, workers=args.workers, db=args.db, db_limit=args.limit, params=params)
     if len(packed):
         res = ens.predict(packed, batch_size=args.batch_size, device=device, backend=args.backend, progress=True)
@@ -271,4 +277,7 @@ def register(sub) -> None:
     p.add_argument("--pruning", default="auto", choices=["auto", "exact", "kmeans"],
                    help="neighbour pruning of the graphs: auto = kmeans (the reference's KMeans choices) with "
                         "--arch reference weights, else exact (use the pruning the model's cache was built with)")
+    from cgnn_dgl.pipeline import add_overlap_arg
+
+    add_overlap_arg(p)
     p.set_defaults(func=_cmd_predict)

@@ -462,10 +462,12 @@ class Screen:
         self.progress = progress
         if not Path(cfg.prototype).exists():
             raise UsageError(f"--prototype {cfg.prototype}: no such file")
+        from cgnn_dgl.coordinator import check_overlap
         from cgnn_dgl.structures import StructureError
 
         try:
             self.proto = read_structure_file(cfg.prototype)
+            check_overlap(self.proto, cfg.overlap_tolerance)
         except StructureError as exc:
             raise UsageError(f"--prototype {cfg.prototype}: {exc}") from None
         self.dec = Decorations.build(self.proto, cfg.sites, cfg.symprec)
@@ -888,7 +890,8 @@ def config_from_args(args) -> ScreenConfig:
     return ScreenConfig(model=args.model, prototype=args.prototype, sites=tuple(parse_site(s) for s in args.site),
                         out=args.out, top=args.top, db=args.db, rank_by=args.rank_by, descending=args.descending,
                         shard=parse_shard(args.shard), chunk_size=args.chunk_size, batch_size=args.batch_size,
-                        device=args.device, selection=args.selection, symprec=args.symprec)
+                        device=args.device, selection=args.selection, symprec=args.symprec,
+                        overlap_tolerance=args.overlap_tolerance)
 
 
 def _cmd_screen(args) -> int:
@@ -951,6 +954,9 @@ def register(sub) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--symprec", type=float, default=1e-3, help="spglib tolerance for the prototype's symmetry (Å)")
+    from cgnn_dgl.pipeline import add_overlap_arg
+
+    add_overlap_arg(p)
     p.set_defaults(func=_cmd_screen_or_merge)
     p.add_argument("merge_dirs", nargs="*", metavar="merge DIR", help=argparse_suppress())
 

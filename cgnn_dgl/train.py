@@ -586,6 +586,22 @@ def check_trainable(cfg: RunConfig, packed, split: dict[str, np.ndarray]) -> Non
                             "crystals, raise train.val_fraction, give train.split_file, or pass "
                             "--set train.val_fraction=0 to select the model on the training score")
         log.warning("no validation crystals (train.val_fraction=0): the best model is chosen on the training score")
+    constant = constant_targets(packed, split["train"], used)
+    if constant:
+        log.warning("target(s) constant in the training split (%s): nothing to learn for them beyond that value; "
+                    "drop them with --set train.targets=[...]", ", ".join(f"{t} = {v:.6g}" for t, v in constant.items()))
+
+
+def constant_targets(packed, train_idx: np.ndarray, names) -> dict[str, float]:
+    """The targets whose labels in the training split all share one value (issue 8), e.g. magnetization,
+    0 for every Perov-5 crystal: {name: value}."""
+    out = {}
+    y, mask = packed.y[train_idx], packed.y_mask[train_idx].astype(bool)
+    for name, col in zip(names, target_columns(names)):
+        vals = y[mask[:, col], col]
+        if vals.size >= 2 and float(vals.max()) == float(vals.min()):
+            out[name] = float(vals[0])
+    return out
 
 
 def train_run(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
