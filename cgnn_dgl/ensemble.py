@@ -39,6 +39,7 @@ import torch
 
 from cgnn_dgl.errors import CgnnError, UsageError
 from cgnn_dgl.fileio import atomic_write_json
+from cgnn_dgl.rundir import BEST, CONFIG
 
 log = logging.getLogger(__name__)
 
@@ -191,13 +192,13 @@ class Ensemble:
             ens.scale = np.array([info.get("calibration", {}).get("scale", {}).get(t, 1.0) for t in ens.targets])
             return ens
         if path.is_dir():
-            if (path / "best.pt").is_file():
-                path = path / "best.pt"
-            elif (path / "config.yaml").is_file():
-                raise UsageError(f"{path}: an unfinished run (no best.pt, no {ENSEMBLE_JSON}); finish it with "
+            if (path / BEST).is_file():
+                path = path / BEST
+            elif (path / CONFIG).is_file():
+                raise UsageError(f"{path}: an unfinished run (no {BEST}, no {ENSEMBLE_JSON}); finish it with "
                                  f"`cgnn train --out {path} --resume`")
             else:
-                raise UsageError(f"{path}: not a run folder (no best.pt or {ENSEMBLE_JSON})")
+                raise UsageError(f"{path}: not a run folder (no {BEST} or {ENSEMBLE_JSON})")
         model, config = load_model(path, arch, device)
         return cls([model], config, source=str(path))
 
@@ -279,7 +280,8 @@ def bootstrap_indices(train_idx: np.ndarray, seed: int) -> np.ndarray:
 
 def _train_member(cfg, run_dir: str) -> dict:
     """Train (or resume) one member to the end and mark it done (runs in a worker process too)."""
-    from cgnn_dgl.train import LAST, train_run
+    from cgnn_dgl.rundir import LAST
+    from cgnn_dgl.train import train_run
 
     if not logging.getLogger().handlers:  # a spawned worker: keep the members' epoch lines
         logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -293,8 +295,9 @@ def _train_member(cfg, run_dir: str) -> dict:
 
 def train_ensemble(cfg, run_dir, resume: bool = False) -> dict:
     """Train (or resume) the ``cfg.train.ensemble`` members in ``run_dir``, then calibrate on val."""
+    from cgnn_dgl.rundir import CONFIG, LAST, SPLIT
     from cgnn_dgl.split import save_split
-    from cgnn_dgl.train import CONFIG, LAST, SPLIT, Dist, load_cache, make_split
+    from cgnn_dgl.train import Dist, load_cache, make_split
 
     run_dir = Path(run_dir)
     n = int(cfg.train.ensemble)
@@ -341,8 +344,9 @@ def train_ensemble(cfg, run_dir, resume: bool = False) -> dict:
 
 def calibrate_ensemble(run_dir, cfg, packed) -> dict:
     """Fit one std scale per target on the validation split and write ``ensemble.json``."""
+    from cgnn_dgl.rundir import SPLIT, resolve_device
     from cgnn_dgl.split import load_split
-    from cgnn_dgl.train import SPLIT, resolve_device, target_columns
+    from cgnn_dgl.train import target_columns
 
     run_dir = Path(run_dir)
     n = int(cfg.train.ensemble)

@@ -210,8 +210,9 @@ def evaluate_run(run_dir, cache: str | None = None, split: str = "test", out: st
                  device: str = "cpu", batch_size: int | None = None, plots: bool = True) -> dict:
     from cgnn_dgl.config import load_run_config
     from cgnn_dgl.ensemble import Ensemble, is_ensemble_dir
+    from cgnn_dgl.rundir import BEST, CONFIG, HISTORY, SPLIT, resolve_device
     from cgnn_dgl.split import load_split
-    from cgnn_dgl.train import BEST, CONFIG, HISTORY, SPLIT, load_cache, resolve_device, target_columns
+    from cgnn_dgl.train import load_cache, target_columns
 
     run_dir = Path(run_dir)
     ensemble = is_ensemble_dir(run_dir)

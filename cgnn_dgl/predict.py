@@ -212,7 +212,7 @@ def write_rejects(path: Path, rejects) -> None:
 
 
 def _cmd_predict(args) -> int:
-    from cgnn_dgl.train import resolve_device
+    from cgnn_dgl.rundir import resolve_device
 
     if not args.inputs and not args.db:
         raise UsageError("give structure files, folders or JSON lists (or --db URL)")

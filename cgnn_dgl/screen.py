@@ -43,6 +43,7 @@ import numpy as np
 from cgnn_dgl.config import ScreenConfig
 from cgnn_dgl.errors import CgnnError, UsageError
 from cgnn_dgl.fileio import atomic_write_json, atomic_write_text
+from cgnn_dgl.rundir import best_model
 from cgnn_dgl.structures import Crystal
 
 log = logging.getLogger(__name__)
@@ -314,8 +315,7 @@ class Predictor:
         self.is_ensemble = self.ensemble.is_ensemble
         # the checkpoint whose coordinator settings built the training graphs (member 0 of an ensemble)
         first = Path(path) / read_ensemble_json(path)["members"][0] if is_ensemble_dir(path) else Path(path)
-        if first.is_dir():
-            first = first / "best.pt"
+        first = best_model(first)
         self.params = predict.coordinator_params_for(predict.ckpt_mod.load(first))
         self.labels = _model_labels(str(first))
 
@@ -974,8 +974,6 @@ def _cmd_screen_or_merge(args) -> int:
     missing = [f for f, v in (("--model", args.model), ("--prototype", args.prototype), ("--out", args.out)) if not v]
     if missing:
         raise UsageError(f"missing {', '.join(missing)}")
-    model = Path(args.model)
-    if model.is_dir() and (model / "best.pt").exists():
-        args.model = str(model / "best.pt")
+    args.model = str(best_model(args.model))
     return _cmd_screen(args)
 

@@ -1,16 +1,9 @@
 """`cgnn train`: one CGNN trunk, one regression head per target, masked multitask losses.
 
-Run folder (``--out``)::
-
-    config.yaml     the resolved run config (model + train)
-    split.json      the train/val/test split, keyed by entry id (or name); reused on resume
-    last.pt         full state after the latest epoch (weights, optimizer, scheduler, RNG, history, ...)
-    best.pt         the model with the best validation score so far (what evaluate/predict use)
-    history.csv     epoch, lr, time, train/val loss, train/val MAE per target, val score
-
-Every file is written atomically (temporary file, fsync, rename), so ``kill -9`` at any moment leaves a
-consistent run, and ``cgnn train --out RUN --resume`` continues exactly where it stopped: with the same
-seeds on CPU the weights equal those of an uninterrupted run bit for bit.
+The run folder (``--out``) is laid out as :mod:`cgnn_dgl.rundir` describes. Every file is written
+atomically, so ``kill -9`` at any moment leaves a consistent run, and ``cgnn train --out RUN --resume``
+continues exactly where it stopped: with the same seeds on CPU the weights equal those of an
+uninterrupted run bit for bit.
 
 Loss: for every used target k, the mean squared error (``loss: mse``, the reference; ``l1`` and ``huber``
 are options, per target with ``target_loss``) over the crystals that have a label for k, in
@@ -54,12 +47,10 @@ from cgnn_dgl import checkpoint as ckpt_mod
 from cgnn_dgl.config import RunConfig, TrainConfig, load_run_config
 from cgnn_dgl.errors import CgnnError, UsageError
 from cgnn_dgl.fileio import atomic_write_text
+from cgnn_dgl.rundir import BEST, CONFIG, HISTORY, LAST, SPLIT, resolve_device
 from cgnn_dgl.step import CompileFallback, autocast, maybe_compile, set_deterministic
 
 log = logging.getLogger(__name__)
-
-LAST, BEST, CONFIG, SPLIT, HISTORY = "last.pt", "best.pt", "config.yaml", "split.json", "history.csv"
-
 
 # --------------------------------------------------------------------------------------------------
 # distributed helpers
@@ -121,18 +112,6 @@ def shard_indices(indices: np.ndarray, rank: int, world: int) -> np.ndarray:
 
 # --------------------------------------------------------------------------------------------------
 # pieces shared with evaluate / predict
-
-
-def resolve_device(name: str, dist: Dist | None = None) -> torch.device:
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UsageError(f"device {name!r} requested but CUDA is not available (torch {torch.__version__})")
-        if dist is not None and dist.enabled and name == "cuda":
-            return torch.device("cuda", dist.local_rank)
-        return torch.device(name)
-    if name != "cpu":
-        raise UsageError(f"unknown device {name!r}; expected cpu or cuda")
-    return torch.device("cpu")
 
 
 def target_columns(model_targets) -> list[int]:
