@@ -1,6 +1,8 @@
-"""`cgnn screen`: symmetry-distinct counts (closed-form answers), shared-geometry graphs == coordinator."""
+"""`cgnn screen`: symmetry-distinct counts (closed-form answers), shared-geometry graphs == coordinator,
+screen == predict, hull against a hand-built phase diagram, resume."""
 from __future__ import annotations
 
+import math
 from math import comb
 
 import numpy as np
@@ -220,3 +222,131 @@ def test_resume_and_shards_equal_one_run(trained, tmp_path):
     for a, b in zip(one, joined):
         for t in TARGETS4:
             assert float(b[t]) == pytest.approx(float(a[t]), rel=1e-6, abs=1e-7)
+
+
+# --------------------------------------------------------------------------------------------------
+# stability: the hull of a hand-built Ni-Al phase diagram in OQMD schema
+
+NI_AL_KNOWN = {"Ni2Al": -0.8, "NiAl": -1.0, "NiAl3": -0.4}  # eV/atom; NiAl3 lies above the NiAl-Al tie line
+FCC4 = [(0, 0, 0), (.5, .5, 0), (.5, 0, .5), (0, .5, .5)]
+
+
+def ni_al_db(path):
+    """SQLite in the OQMD schema: the three known phases, and entries ingest's rules must NOT use."""
+    from test_ingest import Fixture
+
+    from ingest.db import create_schema, make_engine
+
+    f = Fixture()
+    f.rows["fits"] = [dict(name=n) for n in ("standard", "nothing")]
+    f.rows["compositions"] = [dict(formula=x) for x in ("Al1 Ni2", "Al1 Ni1", "Al3 Ni1", "Al1 Ni3", "Ni1 O1")]
+    cub = [[3.6, 0, 0], [0, 3.6, 0], [0, 0, 3.6]]
+    cells = {"Ni2Al": [("Ni", 0, 0, 0), ("Ni", 1 / 3, 1 / 3, 1 / 3), ("Al", 2 / 3, 2 / 3, 2 / 3)],
+             "NiAl": [("Ni", 0, 0, 0), ("Al", .5, .5, .5)],
+             "NiAl3": [("Ni", *FCC4[0])] + [("Al", *p) for p in FCC4[1:]],
+             "Ni3Al": [("Al", *FCC4[0])] + [("Ni", *p) for p in FCC4[1:]]}
+    for eid, (name, e) in enumerate(NI_AL_KNOWN.items(), start=1):
+        f.simple(eid, delta_e=e, lattice=cub, atoms=cells[name])
+    # 4: higher polymorph of NiAl, a duplicate of entry 2: reference pools it and keeps the lower -1.0
+    f.simple(4, dup=2, delta_e=-0.3, lattice=cub, atoms=cells["NiAl"])
+    # 5: Ni3Al far below the hull but duplicate_of_id NULL: never selected
+    f.simple(5, dup=None, delta_e=-5.0, lattice=cub, atoms=cells["Ni3Al"])
+    # 6: Ni3Al with an unconverged static (-5.0) and a converged relaxation (-9.0): no usable calculation
+    f.entry(6)
+    f.structure(61, 6, "static", cub, cells["Ni3Al"])
+    f.calc(601, 6, "static", 61, converged=False)
+    f.calc(602, 6, "relaxation", 61, converged=True)
+    f.fe(6001, 601, 6, "standard", -5.0)
+    f.fe(6002, 602, 6, "standard", -9.0)
+    # 7: NiAl3 whose only formation energy is >= 5 eV/atom: the reference rule drops it (would not lower anyway)
+    f.simple(7, delta_e=6.0, lattice=cub, atoms=cells["NiAl3"])
+    # 8: Ni3Al whose first formation-energy row (fit 'nothing') is -0.1 and its 'standard' one -3.0: the
+    #    reference rule takes the first row (-0.1, above the hull: no change), canonical the standard (-3.0)
+    f.entry(8)
+    f.structure(81, 8, "static", cub, cells["Ni3Al"])
+    f.calc(801, 8, "static", 81)
+    f.fe(8001, 801, 8, "nothing", -0.1)
+    f.fe(8002, 801, 8, "standard", -3.0)
+    # 9: NiO, outside the candidates' chemical system
+    f.simple(9, delta_e=-2.0, lattice=cub, atoms=[("Ni", 0, 0, 0), ("O", .5, .5, .5)])
+    engine = make_engine(f"sqlite:///{path}", must_exist=False)
+    create_schema(engine)
+    from ingest import tables as T
+
+    with engine.begin() as conn:
+        for name in ("fits", "compositions", "entries", "structures", "atoms", "calculations", "formation_energies"):
+            data = f.rows[name]
+            cols = sorted({k for r in data for k in r})
+            conn.execute(T.metadata.tables[name].insert(), [{c: r.get(c) for c in cols} for r in data])
+    engine.dispose()
+    return f"sqlite:///{path}"
+
+
+def _hand_hull(x_al: float, known: list[tuple[str, float]]) -> tuple[float, dict[str, float]]:
+    """Lower convex envelope of (x_Al, E) points by brute force over pairs: (energy, {formula: atom fraction})."""
+    from pymatgen.core import Composition
+
+    pts = [("Ni", 0.0, 0.0), ("Al", 1.0, 0.0)] + [(k, Composition(k).get_atomic_fraction("Al"), e) for k, e in known]
+    best: tuple[float, dict] = (math.inf, {})
+    for a in pts:
+        for b in pts:
+            if not a[1] <= x_al <= b[1]:
+                continue
+            w = 0.0 if b[1] == a[1] else (x_al - a[1]) / (b[1] - a[1])
+            e = (1 - w) * a[2] + w * b[2]
+            if e < best[0] - 1e-12:
+                dec: dict[str, float] = {}
+                for name, amt in ((a[0], 1 - w), (b[0], w)):
+                    if amt > 1e-12:
+                        key = Composition(name).reduced_formula
+                        dec[key] = dec.get(key, 0.0) + amt
+                best = (e, dec)
+    return best
+
+
+@pytest.mark.parametrize("selection", ["reference", "canonical"])
+def test_hull_against_hand_built_phase_diagram(trained, tmp_path, selection):
+    """e_above_hull = predicted formation energy - the hull worked out by hand from the known phases;
+    entries ingest's selection rule would not use (unconverged, duplicate_of NULL, non-static) never lower it."""
+    from pymatgen.core import Composition
+    from pymatgen.io.cif import CifWriter
+
+    from cgnn_dgl.config import ScreenConfig
+    from cgnn_dgl.fileio import atomic_write_text
+    from cgnn_dgl.screen import Screen, finish
+
+    url = ni_al_db(tmp_path / "nial.sqlite")
+    proto = Crystal("Ni", np.eye(3) * 3.52, [28] * 4, FCC4)
+    atomic_write_text(tmp_path / "fcc.cif", str(CifWriter(proto.to_pymatgen())))
+    out = tmp_path / "s"
+    cfg = ScreenConfig(model=str(trained / "run" / "member_0" / "best.pt"), prototype=str(tmp_path / "fcc.cif"),
+                       sites=(((0, 1, 2, 3), ("Ni", "Al")),), out=str(out), top=5, db=url, selection=selection)
+    screen = Screen(cfg, progress=False)
+    assert screen.rank_by == "e_above_hull"
+    summary = finish([out], out, 5, run_stats=screen.run(), hull=screen.hull)
+    # what each rule selects (worked out from the rules in ingest/select.py, entry by entry in ni_al_db):
+    known = list(NI_AL_KNOWN.items())
+    if selection == "reference":
+        known += [("Ni3Al", -0.1)]  # entry 8's first formation-energy row; 4 pooled under 2; 5, 6, 7 dropped
+    else:
+        known += [("Ni3Al", -3.0), ("NiAl3", 6.0)]  # entry 8's standard fit; 7 kept (no delta_e cap); 4, 5, 6 dropped
+    assert summary["known_phases"]["count"] == len(known)
+    rows = _read_csv(out / "candidates.csv")
+    assert sorted(Composition(r["formula"]).reduced_formula for r in rows) == sorted(
+        Composition(f).reduced_formula for f in ("Ni", "Ni3Al", "NiAl", "NiAl3", "Al"))
+    e_above = []
+    for r in rows:
+        e_hull, dec = _hand_hull(Composition(r["formula"]).get_atomic_fraction("Al"), known)
+        assert float(r["hull_energy"]) == pytest.approx(e_hull, abs=1e-9), r["formula"]
+        assert float(r["e_above_hull"]) == pytest.approx(float(r["formation_energy"]) - e_hull, abs=1e-7)
+        got: dict[str, float] = {}
+        for term in r["decomposition"].split(" + "):
+            amt, phase = term.split(" ")
+            got[Composition(phase).reduced_formula] = float(amt)
+        assert got.keys() == dec.keys(), (r["formula"], got, dec)
+        for k in dec:
+            assert got[k] == pytest.approx(dec[k], abs=1e-3)
+        e_above.append(float(r["e_above_hull"]))
+    assert e_above == sorted(e_above) and [int(r["rank"]) for r in rows] == [1, 2, 3, 4, 5]
+    if selection == "reference":  # the hull is the hand one, not lowered by the decoys: NiAl3 and Ni3Al off it
+        assert _hand_hull(0.25, known)[0] == pytest.approx(-0.6) and _hand_hull(0.75, known)[0] == pytest.approx(-0.5)
