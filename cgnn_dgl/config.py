@@ -186,9 +186,9 @@ class ModelConfig:
     ``n_node_feat`` which is fixed at the 89 OQMD species), plus the output heads.
 
     Use :meth:`preset` for the reference models (``benchmark``, ``no_edgenet``, ``complete``).
-    ``targets`` names the regression outputs (columns of the model output, a subset of
-    :data:`cgnn_dgl.TARGETS` in any order); ``classification_heads`` adds two logits
-    (insulator, magnetic).
+    ``targets`` names the regression outputs (columns of the model output: any columns of the cache, the
+    OQMD four by default); ``classification_heads`` adds the OQMD preset's two logits (insulator,
+    magnetic) and ``binary_targets`` one logit per cache column of 0/1 labels (:mod:`cgnn_dgl.tasks`).
     """
 
     n_node_feat: int = 89
@@ -224,6 +224,7 @@ class ModelConfig:
     use_extension: bool = False
     targets: tuple[str, ...] = TARGETS
     classification_heads: bool = False
+    binary_targets: tuple[str, ...] = ()
     # Optional scale-invariant geometry (not in the reference; off in every preset): each bond's
     # distance / cutoff, d / ((r_i + r_j) * factor_vol * 1.2), in a Gaussian basis of ``geometry_basis``
     # functions, enters every convolution's per-bond gate and message. See cgnn_dgl.model.layers.RadialBasis.
@@ -235,6 +236,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if isinstance(self.targets, list):
             self.targets = tuple(self.targets)
+        if isinstance(self.binary_targets, list):
+            self.binary_targets = tuple(self.binary_targets)
         # "None" spelled as a string (YAML / --set) means no activation.
         for key in ("node_activation", "edge_activation"):
             v = getattr(self, key)
@@ -265,11 +268,14 @@ class ModelConfig:
         check_activation(self.postconv_net_activation, "postconv_net_activation", allow_none=False)
         if not self.targets:
             raise UsageError("config key 'targets': at least one target is needed")
-        bad = [t for t in self.targets if t not in TARGETS]
-        if bad:
-            raise UsageError(f"config key 'targets': unknown target {bad[0]!r}; expected some of {TARGETS}")
-        if len(set(self.targets)) != len(self.targets):
-            raise UsageError("config key 'targets': duplicate target")
+        for key in ("targets", "binary_targets"):
+            bad = [t for t in getattr(self, key) if not isinstance(t, str) or not t.strip()]
+            if bad:
+                raise UsageError(f"config key {key!r}: target names must be non-empty strings, got {bad[0]!r}")
+        names = list(self.targets) + list(self.binary_targets)
+        if len(set(names)) != len(names):
+            dup = sorted({t for t in names if names.count(t) > 1})
+            raise UsageError(f"config key 'targets': duplicate target {', '.join(dup)}")
 
     @property
     def n_targets(self) -> int:
@@ -426,14 +432,17 @@ class TrainConfig:
         for t in self.targets or []:
             if t not in model_targets:
                 bad(f"targets: {t!r} is not a head of the model {tuple(model_targets)}")
+        # settings for the OQMD targets a model lacks are ignored (one config serves several target sets);
+        # any other name must be a target of the model, so typos do not pass
+        known = tuple(model_targets) + tuple(t for t in TARGETS if t not in model_targets)
         for t, name in {"*": self.loss, **self.target_loss}.items():
             if name not in LOSSES:
                 bad(f"loss{'' if t == '*' else f' of {t}'}: {name!r} is not one of {LOSSES}")
-            if t != "*" and t not in TARGETS:
-                bad(f"target_loss: unknown target {t!r}; expected some of {TARGETS}")
+            if t != "*" and t not in known:
+                bad(f"target_loss: unknown target {t!r}; expected some of {known}")
         for t, w in self.task_weights.items():
-            if t not in TARGETS:  # weights of targets the model lacks are ignored; typos are not
-                bad(f"task_weights: unknown target {t!r}; expected some of {TARGETS}")
+            if t not in known:
+                bad(f"task_weights: unknown target {t!r}; expected some of {known}")
             if w < 0:
                 bad(f"task_weights: weight of {t} must be >= 0")
         if check_files and self.split_file is not None and not Path(self.split_file).is_file():

@@ -354,7 +354,7 @@ def calibrate_ensemble(run_dir, cfg, packed) -> dict:
     ens = Ensemble.load_members(run_dir, members, device)
     parts = load_split(run_dir / SPLIT, packed.entry_id, packed.names)
     val = parts["val"]
-    cols = target_columns(ens.targets)
+    cols = target_columns(ens.targets, packed.targets)
     calib: dict = {"split": "val", "level": 0.95, "scale": {}, "n": {}, "coverage_95_raw": {},
                    "coverage_95": {}, "coverage_68": {}}
     if len(val):

@@ -185,13 +185,14 @@ def coordinator_params_for(ckpt: dict):
 
 
 def write_predictions(path: Path, names, pred: np.ndarray, targets, prob: np.ndarray | None,
-                      std: np.ndarray | None = None) -> None:
-    """The predictions CSV; with ``std`` a ``<target>_std`` column follows each target column."""
+                      std: np.ndarray | None = None, classes=("insulator", "magnetic")) -> None:
+    """The predictions CSV (LF line endings): ``name``, a column per target (with ``std`` a ``<target>_std``
+    column after each), then ``p_<class>`` per classification head (``classes``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
+        w = csv.writer(fh, lineterminator="\n")
         cols = [c for t in targets for c in ((t, f"{t}_std") if std is not None else (t,))]
-        header = ["name"] + cols + (["p_insulator", "p_magnetic"] if prob is not None else [])
+        header = ["name"] + cols + ([f"p_{c}" for c in classes] if prob is not None else [])
         w.writerow(header)
         for i, name in enumerate(names):
             if std is None:
@@ -205,7 +206,7 @@ def write_predictions(path: Path, names, pred: np.ndarray, targets, prob: np.nda
 
 def write_rejects(path: Path, rejects) -> None:
     with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
+        w = csv.writer(fh, lineterminator="\n")
         w.writerow(["name", "reason", "message"])
         for r in rejects:
             w.writerow([r.name, r.reason, r.message])
@@ -235,7 +236,9 @@ def _cmd_predict(args) -> int:
         n_t = len(config.targets)
         pred, prob = np.zeros((0, n_t)), None
         std = np.zeros((0, n_t)) if ens.is_ensemble else None
-    write_predictions(out, packed.names, pred, config.targets, prob, std)
+    from cgnn_dgl.tasks import class_names
+
+    write_predictions(out, packed.names, pred, config.targets, prob, std, class_names(config))
     if rejects:
         rej_path = out.with_name(out.stem + ".rejects.csv")
         write_rejects(rej_path, rejects)

@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 MANIFEST = "screen.json"
 PARTS = "parts"
 E_HULL = "e_above_hull"
-PROBS = ("p_insulator", "p_magnetic")
+PROBS = ("p_insulator", "p_magnetic")  # the OQMD preset's class probabilities (a model's own: Layout.classes)
 UNITS = {"formation_energy": "eV/atom", "volume_per_atom": "Å^3/atom", "band_gap": "eV",
          "magnetization": "μB/atom", E_HULL: "eV/atom", "hull_energy": "eV/atom"}
 _MAX_KEYS = 1 << 62
@@ -310,7 +310,10 @@ class Predictor:
         self.ensemble = Ensemble.load(path, device=device)
         self.config = self.ensemble.config
         self.targets = tuple(self.ensemble.targets)
-        self.has_probs = bool(getattr(self.config, "classification_heads", False))
+        from cgnn_dgl.tasks import class_names
+
+        self.classes = class_names(self.config)
+        self.has_probs = bool(self.classes)
         self.is_ensemble = self.ensemble.is_ensemble
         # the checkpoint whose coordinator settings built the training graphs (member 0 of an ensemble)
         first = Path(path) / read_ensemble_json(path)["members"][0] if is_ensemble_dir(path) else Path(path)
@@ -422,6 +425,7 @@ class Layout:
     std: bool
     probs: bool
     hull: bool
+    classes: tuple[str, ...] = ("insulator", "magnetic")  # the logit columns (screen.json before: the OQMD two)
 
     @property
     def columns(self) -> list[str]:
@@ -429,7 +433,7 @@ class Layout:
         if self.std:
             cols += [f"{t}_std" for t in self.targets]
         if self.probs:
-            cols += list(PROBS)
+            cols += [f"p_{c}" for c in self.classes]
         if self.hull:
             cols += ["hull_energy", E_HULL, "decomposition"]
         return cols
@@ -491,7 +495,7 @@ class Screen:
         self.neigh = ProtoNeighbours(self.proto, rmin, rmax, self.model.params)
         self.hull: Hull | None = None
         self.layout = Layout(self.dec.named.tolist(), self.model.targets, self.model.is_ensemble,
-                             self.model.has_probs, cfg.db is not None)
+                             self.model.has_probs, cfg.db is not None, tuple(self.model.classes))
         self._formulas: dict = {}
 
     def _rank_key(self) -> str:
@@ -617,7 +621,7 @@ class Screen:
         T = len(self.model.targets)
         if m == 0:
             return np.zeros((0, T)), (np.zeros((0, T)) if self.model.is_ensemble else None), \
-                (np.zeros((0, 2)) if self.model.has_probs else None)
+                (np.zeros((0, len(self.model.classes))) if self.model.has_probs else None)
         counts, src, dst, ratio = self.neigh.graphs(numbers)
         n_bonds = counts.reshape(m, n).sum(axis=1)
         packed = PackedGraphs.from_arrays(numbers.reshape(-1), np.full(m, n), n_bonds, src, dst,
@@ -752,7 +756,8 @@ def finish(dirs: Sequence[Path], out: Path, top: int, model_path: str | None = N
     plot = plot_distribution(out / "hull_distance.png", np.asarray(values, dtype=float), rank_by, descending,
                              min(top, n), model, labels)
     units = {c: UNITS.get(c.removesuffix("_std"), "") for c in cols}
-    units.update({"p_insulator": "probability", "p_magnetic": "probability", "rank": "1 = best"})
+    units.update({f"p_{c}": "probability" for c in layout.classes})
+    units["rank"] = "1 = best"
     meta = {
         "what": "cgnn screen: symmetry-distinct decorations of a prototype, scored by a CGNN model",
         "model": model, "model_labels": labels,
