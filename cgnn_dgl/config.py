@@ -388,7 +388,8 @@ class TrainConfig:
     workers: int = 1  # ensemble members trained at the same time, in separate processes
     # data and outputs
     cache: str | None = None
-    split_file: str | None = None
+    split: str = "formula"  # formula (the reference's, grouped by formula) | random (seeded) | file (split_file)
+    split_file: str | None = None  # ids per part (JSON train/val/test lists or CSV id,split); implies split: file
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     split_seed: int = 12345
@@ -445,6 +446,12 @@ class TrainConfig:
                 bad(f"task_weights: unknown target {t!r}; expected some of {known}")
             if w < 0:
                 bad(f"task_weights: weight of {t} must be >= 0")
+        if self.split not in ("formula", "random", "file"):
+            bad(f"split: {self.split!r} is not one of formula, random, file")
+        if self.split == "file" and not self.split_file:
+            bad("split: file needs train.split_file (a JSON or CSV of ids per part)")
+        if self.split == "random" and self.split_file:
+            bad("split: random and a split_file exclude each other; drop one")
         if check_files and self.split_file is not None and not Path(self.split_file).is_file():
             bad(f"split_file: {self.split_file} not found")
 

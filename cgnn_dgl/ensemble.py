@@ -294,7 +294,7 @@ def _train_member(cfg, run_dir: str) -> dict:
 def train_ensemble(cfg, run_dir, resume: bool = False) -> dict:
     """Train (or resume) the ``cfg.train.ensemble`` members in ``run_dir``, then calibrate on val."""
     from cgnn_dgl.split import save_split
-    from cgnn_dgl.train import CONFIG, LAST, SPLIT, Dist, load_cache, make_split
+    from cgnn_dgl.train import CONFIG, LAST, SPLIT, Dist, load_cache, make_split, split_method
 
     run_dir = Path(run_dir)
     n = int(cfg.train.ensemble)
@@ -310,8 +310,8 @@ def train_ensemble(cfg, run_dir, resume: bool = False) -> dict:
     split_path = run_dir / SPLIT
     if not split_path.is_file():  # one split for every member, fixed before the first one trains
         split = make_split(packed, cfg.train)
-        save_split(split_path, split, packed.entry_id, packed.names, method="formula",
-                   seed=cfg.train.split_seed, source=str(cfg.train.split_file or "formula_split"))
+        save_split(split_path, split, packed.entry_id, packed.names, method=split_method(cfg.train),
+                   seed=cfg.train.split_seed, source=str(cfg.train.split_file or f"{split_method(cfg.train)}_split"))
     workers = max(1, min(int(cfg.train.workers), n))
     jobs = []
     for k in range(n):

@@ -511,11 +511,20 @@ def load_cache(path: str | None):
     return load_packed(p)
 
 
-def make_split(packed, t: TrainConfig) -> dict[str, np.ndarray]:
-    from cgnn_dgl.split import formula_split, load_split
+def split_method(t: TrainConfig) -> str:
+    """formula | random | file (a split_file always means file)."""
+    return "file" if t.split_file else t.split
 
-    if t.split_file:
-        return load_split(t.split_file, packed.entry_id, packed.names)
+
+def make_split(packed, t: TrainConfig) -> dict[str, np.ndarray]:
+    from cgnn_dgl.split import formula_split, random_split, read_split_file
+
+    method = split_method(t)
+    if method == "file":
+        return read_split_file(t.split_file, packed.entry_id, packed.names)
+    if method == "random":
+        return random_split(len(packed), seed=t.split_seed, val_fraction=t.val_fraction,
+                            test_fraction=t.test_fraction)
     import warnings
 
     with warnings.catch_warnings():  # pymatgen warns about noble-gas electronegativities
@@ -545,8 +554,8 @@ def prepare_run(cfg: RunConfig, run_dir: Path, resume: bool, dist: Dist):
     else:
         split = make_split(packed, cfg.train)
         if dist.main:
-            save_split(split_path, split, packed.entry_id, packed.names, method="formula",
-                       seed=cfg.train.split_seed, source=str(cfg.train.split_file or "formula_split"))
+            save_split(split_path, split, packed.entry_id, packed.names, method=split_method(cfg.train),
+                       seed=cfg.train.split_seed, source=str(cfg.train.split_file or f"{split_method(cfg.train)}_split"))
     return packed, split, state
 
 

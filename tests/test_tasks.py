@@ -167,7 +167,8 @@ def _config(path: Path, **model) -> Path:
 
     path.write_text(yaml.safe_dump({"model": {**TINY_MODEL, **model},
                                     "train": {"epochs": 2, "batch_size": 16, "milestones": [2], "lr": 3e-3,
-                                              "progress": False, "val_fraction": 0.2, "test_fraction": 0.2}}))
+                                              "progress": False, "val_fraction": 0.2, "test_fraction": 0.2,
+                                              "split": "random"}}))
     return path
 
 
@@ -176,6 +177,8 @@ def test_train_evaluate_predict_on_custom_targets(perov_cache, tmp_path, capsys)
     run = tmp_path / "run"
     assert main(["train", "--config", str(cfg), "--cache", str(perov_cache), "--targets", "heat_all,dir_gap",
                  "--out", str(run)]) == 0
+    split = json.loads((run / "split.json").read_text())
+    assert split["method"] == "random" and (len(split["train"]), len(split["val"]), len(split["test"])) == (24, 8, 8)
     with open(run / "history.csv", newline="") as fh:
         header = next(csv.reader(fh))
     assert "val_mae_heat_all" in header and "val_mae_dir_gap" in header
