@@ -225,6 +225,10 @@ class ModelConfig:
     targets: tuple[str, ...] = TARGETS
     classification_heads: bool = False
     binary_targets: tuple[str, ...] = ()
+    # Stop-gradient for the classification heads (issue 11): they read a detached copy of the trunk's
+    # graph features, so their BCE loss trains the two logits only and never pulls on the regression
+    # trunk. Off by default (no parameter, no change to any preset); needs classification_heads.
+    classification_detach: bool = False
     # Optional scale-invariant geometry (not in the reference; off in every preset): each bond's
     # distance / cutoff, d / ((r_i + r_j) * factor_vol * 1.2), in a Gaussian basis of ``geometry_basis``
     # functions, enters every convolution's per-bond gate and message. See cgnn_dgl.model.layers.RadialBasis.
@@ -255,6 +259,8 @@ class ModelConfig:
         for key in ("n_edge_net_layers", "n_postconv_net_layers", "conv_type"):
             if getattr(self, key) < 0:
                 raise UsageError(f"config key {key!r}: must be >= 0, got {getattr(self, key)}")
+        if self.classification_detach and not (self.classification_heads or self.binary_targets):
+            raise UsageError("config key 'classification_detach': needs classification_heads: true or binary_targets")
         if self.geometry and self.geometry_basis < 2:
             raise UsageError(f"config key 'geometry_basis': must be >= 2, got {self.geometry_basis}")
         if self.n_edge_net_layers > 0 and self.n_edge_net_feat < 1:

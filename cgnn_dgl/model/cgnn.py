@@ -149,11 +149,13 @@ class CGNN(nn.Module):
 
     def forward_heads(self, z: Tensor, gi: GraphIndex) -> dict[str, Tensor]:
         """``{"regression": (n, n_targets)[, "logits": (n, 2)]}`` from one pass (logits only with
-        ``classification_heads`` or ``binary_targets``; columns :func:`cgnn_dgl.tasks.class_names`)."""
+        ``classification_heads`` or ``binary_targets``; columns :func:`cgnn_dgl.tasks.class_names`). With
+        ``classification_detach`` the logits see a detached copy of the graph features: their loss trains
+        the logit layer only."""
         h = self.graph_features(z, gi)
         out = {"regression": self._regression(h, gi)}
         if self.classification is not None:
-            out["logits"] = self.classification(h)
+            out["logits"] = self.classification(h.detach() if self.config.classification_detach else h)
         return out
 
     # -- target standardisation ---------------------------------------------------------------------
