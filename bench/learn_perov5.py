@@ -231,7 +231,7 @@ def score_row(packed, split, members: list[Path], cfg) -> dict:
     from cgnn_dgl.train import target_columns
 
     ens = Ensemble.load_members(members[0].parent.parent, [f"{m.parent.name}/{m.name}" for m in members])
-    cols = target_columns(ens.targets)
+    cols = target_columns(ens.targets, packed.targets)
     val, test, train = split["val"], split["test"], split["train"]
     pv, pt = ens.predict(packed, val), ens.predict(packed, test)
     scale = None
