@@ -142,6 +142,14 @@ def calibration_plot(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray]
 # prediction
 
 
+def first_checkpoint(path) -> Path:
+    """The checkpoint file behind ``--model PATH`` (member 0 of an ensemble run, a run's best.pt, or the file)."""
+    path = Path(path)
+    if is_ensemble_dir(path):
+        return path / read_ensemble_json(path)["members"][0]
+    return path / "best.pt" if path.is_dir() else path
+
+
 @dataclass
 class Prediction:
     """Physical-unit predictions of a model or ensemble for ``n`` crystals, columns ``targets``.
@@ -170,6 +178,8 @@ class Ensemble:
         self.targets = tuple(config.targets)
         self.scale = np.ones(len(self.targets)) if scale is None else np.asarray(scale, float).reshape(-1)
         self.source = source
+        rec = getattr(self.models[0], "record", None) or {}
+        self.units = dict((rec.get("tasks") or {}).get("units") or {})  # as the checkpoint records them
 
     def __len__(self) -> int:
         return len(self.models)

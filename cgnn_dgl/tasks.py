@@ -300,6 +300,20 @@ class TaskSet:
                 out["classification"][t.key] = t.metrics(pred[m, self.names.index(t.source)], true[m, k])
         return out
 
+    def record(self, mean=None, std=None) -> dict:
+        """What a checkpoint records of its tasks (plain JSON types): targets, units, kinds, classes, the
+        binary tasks' definitions and the standardisation (per-target flag, train-split mean / std)."""
+        rec = {"targets": list(self.names), "units": self.units(),
+               "kinds": {t.name: t.kind for t in self.regression + self.binary},
+               "classes": list(self.class_names),
+               "binary": [{"name": t.name, "source": t.source, "threshold": t.threshold, "head": t.head}
+                          for t in self.binary],
+               "standardised": {t.name: t.standardise for t in self.regression}}
+        if mean is not None:
+            rec["mean"] = [float(x) for x in np.asarray(mean).reshape(-1)]
+            rec["std"] = [float(x) for x in np.asarray(std).reshape(-1)]
+        return rec
+
     # -- construction --------------------------------------------------------------------------------
     @classmethod
     def from_configs(cls, model_cfg, train_cfg=None, units: Mapping[str, str] | None = None) -> TaskSet:

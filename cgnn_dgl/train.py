@@ -289,6 +289,10 @@ class Trainer:
         self.model = CGNN(cfg.model)
         self.model.set_target_stats(mean, std)
         self.model.to(self.device)
+        # what the checkpoints record: the tasks with their standardisation, and the cache's coordinator
+        # parameters and label provenance (so that predict builds graphs as the training cache did)
+        self.record = {**ckpt_mod.cache_record(self.t.cache), "tasks": self.tasks.record(mean, std)} \
+            if self.t.cache else {"tasks": self.tasks.record(mean, std)}
         # loss weights: used targets only; normalised by the weights of targets labelled in train
         self.loss_w = self.tasks.loss_weights(m_tr[:, :T].any(axis=0)).to(self.device)
         self.reg_loss = self.tasks.regression_loss(self.device)
@@ -340,6 +344,7 @@ class Trainer:
             epochs_since_best=self.since_best,
             history=self.history,
             world_size=self.dist.world,
+            **self.record,
         )
 
     # -- one pass ----------------------------------------------------------------------------------
@@ -481,7 +486,7 @@ class Trainer:
 
     def _best_state(self) -> dict:
         return ckpt_mod.make_checkpoint(self.model, self.cfg.model, train_config=self.t.to_dict(), epoch=self.epoch,
-                                        best_score=self.best_score, best_epoch=self.best_epoch)
+                                        best_score=self.best_score, best_epoch=self.best_epoch, **self.record)
 
 
 def write_history(path: Path, history: list[dict]) -> None:

@@ -204,6 +204,55 @@ def test_train_evaluate_predict_on_custom_targets(perov_cache, tmp_path, capsys)
     assert list(rows[0]) == ["name", "heat_all", "dir_gap", "p_wide_gap"]
     assert 0.0 <= float(rows[0]["p_wide_gap"]) <= 1.0
 
+    # the checkpoint records what it learnt and from which cache; the sidecar explains the CSV
+    import hashlib
+
+    best = torch.load(run / "best.pt", weights_only=True)
+    manifest = json.loads((perov_cache / "manifest.json").read_text())
+    rec = best["tasks"]
+    assert rec["targets"] == ["heat_all", "dir_gap"] and rec["classes"] == ["wide_gap"]
+    assert rec["units"] == {"heat_all": "eV/atom", "dir_gap": "eV"}
+    assert rec["kinds"] == {"heat_all": "regression", "dir_gap": "regression", "wide_gap": "binary"}
+    assert rec["std"] == pytest.approx(best["model"]["target_std"].tolist())
+    assert best["coordinator"] == manifest["coordinator"] and best["synthetic"] is False
+    side = json.loads((tmp_path / "p.json").read_text())
+    assert side["units"] == {"heat_all": "eV/atom", "dir_gap": "eV", "p_wide_gap": "probability"}
+    assert side["model_sha256"] == hashlib.sha256((run / "best.pt").read_bytes()).hexdigest()
+    assert side["coordinator"] == {**side["coordinator"], **manifest["coordinator"]}
+    assert side["coordinator_from"] == "checkpoint record" and side["synthetic"] is False
+    assert side["code_version"]
+
+
+def test_predict_builds_graphs_with_the_checkpoints_coordinator_parameters(perov_cache, tmp_path, monkeypatch):
+    """A checkpoint whose cache was built with other coordinator settings gets graphs built with those."""
+    from cgnn_dgl import predict
+
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(_config(tmp_path / "c.yaml")), "--cache", str(perov_cache),
+                 "--targets", "heat_all", "--out", str(run)]) == 0
+    best = torch.load(run / "best.pt", weights_only=True)
+    best["coordinator"] = {**best["coordinator"], "radius_factor": 1.35, "max_rounds": 7}
+    torch.save(best, tmp_path / "other.pt")
+    seen = []
+    real = predict.build_inputs
+
+    def spy(*a, **k):
+        seen.append(k["params"])
+        return real(*a, **k)
+
+    monkeypatch.setattr(predict, "build_inputs", spy)
+    cif = next(p for p in (perov_cache.parent / "in").iterdir() if p.suffix == ".cif")
+    assert main(["predict", "--model", str(tmp_path / "other.pt"), str(cif), "--out", str(tmp_path / "p.csv")]) == 0
+    assert (seen[-1].radius_factor, seen[-1].max_rounds) == (1.35, 7)
+    assert json.loads((tmp_path / "p.json").read_text())["coordinator"]["radius_factor"] == 1.35
+    # a checkpoint from before the record: the OQMD four, default coordinator parameters
+    for key in ("tasks", "coordinator", "synthetic", "cache"):
+        best.pop(key)
+    torch.save(best, tmp_path / "old.pt")
+    assert main(["predict", "--model", str(tmp_path / "old.pt"), str(cif), "--out", str(tmp_path / "q.csv")]) == 0
+    assert seen[-1] == predict.coordinator_params_for({"format": "cgnn-dgl-checkpoint"})
+    assert json.loads((tmp_path / "q.json").read_text())["coordinator_from"].startswith("defaults")
+
 
 def test_set_targets_and_a_target_the_cache_lacks(perov_cache, tmp_path, capsys):
     cfg = _config(tmp_path / "c.yaml")
