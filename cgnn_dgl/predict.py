@@ -7,8 +7,13 @@ database (through ``ingest.reader`` when the ingest package provides it). The mo
 input (unreadable file, unknown element, no graph) is listed with its reason on stderr and in
 ``<out>.rejects.csv``; it never stops the run.
 
-Output CSV: ``name``, one column per target of the model in physical units (eV/atom, Å³/atom, eV,
-μB/atom), then ``p_insulator`` / ``p_magnetic`` when the model has classification heads. With an
+Graphs are built with the coordinator parameters recorded in the checkpoint (those of its training
+cache; ``--pruning`` overrides the pruning), never guessed.
+
+Output CSV (LF line endings): ``name``, one column per target of the model named as in training, in its
+physical unit, then ``p_<class>`` per classification head (``p_insulator`` / ``p_magnetic`` for the OQMD
+preset). Beside it ``<out>.json`` (``p.csv`` -> ``p.json``) records each column's unit, the model file(s)
+with sha256, the coordinator parameters, the code version and whether the model learnt synthetic labels. With an
 ensemble run folder as ``--model`` (:mod:`cgnn_dgl.ensemble`) each target column is the members' mean
 and is followed by ``<target>_std``, the calibrated ensemble standard deviation in the same unit
 (mean ± 1.96 std is the 95% interval, calibrated on the validation split).
