@@ -540,7 +540,8 @@ class Screen:
         atomic_write_text(self.out / "prototype.cif", Path(self.cfg.prototype).read_text())
         manifest = {"fingerprint": fp, "shards": sorted(shards), "layout": self.layout.__dict__,
                     "total_decorations": self.dec.total, "n_chunks": self.n_chunks,
-                    "model_targets": list(self.model.targets), "model_labels": self.model.labels}
+                    "model_targets": list(self.model.targets), "model_labels": self.model.labels,
+                    "model_units": dict(self.model.ensemble.units)}
         atomic_write_json(man_path, manifest)
         return manifest
 
@@ -755,7 +756,8 @@ def finish(dirs: Sequence[Path], out: Path, top: int, model_path: str | None = N
     cifs = write_top_cifs(out / "top", proto_path, tops, layout, model, labels)
     plot = plot_distribution(out / "hull_distance.png", np.asarray(values, dtype=float), rank_by, descending,
                              min(top, n), model, labels)
-    units = {c: UNITS.get(c.removesuffix("_std"), "") for c in cols}
+    recorded = manifest.get("model_units") or {}  # as the model's checkpoint records them
+    units = {c: recorded.get(c.removesuffix("_std")) or UNITS.get(c.removesuffix("_std"), "") for c in cols}
     units.update({f"p_{c}": "probability" for c in layout.classes})
     units["rank"] = "1 = best"
     meta = {
