@@ -180,11 +180,14 @@ def load_model(path: str | os.PathLike, arch: str | None = None, device: str | t
 def coordinator_params_for(ckpt: dict):
     """The coordinator settings a checkpoint's graphs were built with (its ``coordinator`` record when it has
     one; the reference KMeans pruning for plain reference state_dicts; the defaults otherwise)."""
+    import dataclasses
+
     from cgnn_dgl.coordinator import DEFAULT_PARAMS, CoordinatorParams
 
     rec = ckpt.get("coordinator") if isinstance(ckpt, dict) else None
     if isinstance(rec, dict):
-        return CoordinatorParams(**rec)
+        known = {f.name for f in dataclasses.fields(CoordinatorParams)}
+        return CoordinatorParams(**{k: v for k, v in rec.items() if k in known})
     if isinstance(ckpt, dict) and ckpt and not ckpt_mod.is_cgnn_checkpoint(ckpt):
         return CoordinatorParams(pruning="kmeans")
     return DEFAULT_PARAMS
