@@ -384,6 +384,9 @@ class TrainConfig:
     loss: str = "mse"  # mse (the reference) | l1 | huber, on standardised targets
     target_loss: dict[str, str] = field(default_factory=dict)  # per-target override, e.g. {band_gap: l1}
     classification_weight: float = 1.0  # weight of the BCE loss of optional classification heads
+    # model.binary_targets derived from a regression target by a rule, e.g. {stable: "e_hull < 0.05"}; the
+    # others read their own column of 0/1 labels (cgnn_dgl/tasks.py)
+    binary_from: dict[str, str] = field(default_factory=dict)
     gap_threshold: float = 0.0
     mag_threshold: float = 0.05
     gap_decision_threshold: float = 0.1
@@ -452,6 +455,12 @@ class TrainConfig:
                 bad(f"task_weights: unknown target {t!r}; expected some of {known}")
             if w < 0:
                 bad(f"task_weights: weight of {t} must be >= 0")
+        from cgnn_dgl.tasks import parse_rule
+
+        for name, rule in self.binary_from.items():
+            source, _, _ = parse_rule(rule, f"train.binary_from.{name}")
+            if source not in model_targets:
+                bad(f"binary_from.{name}: {source!r} is not a target of the model {tuple(model_targets)}")
         if self.split not in ("formula", "random", "file"):
             bad(f"split: {self.split!r} is not one of formula, random, file")
         if self.split == "file" and not self.split_file:

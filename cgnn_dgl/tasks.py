@@ -5,13 +5,15 @@ evaluation for the metrics, and predict for the column names and units. Nothing 
 needs to know how many targets there are or what they are called.
 
 A binary task either reads its own 0/1 label column (``source`` None) or is derived from a regression
-target by a threshold (label = source > threshold): the OQMD preset derives ``insulator`` from
+target by a threshold (label = source > threshold, or < with ``below``; in a config
+``train.binary_from: {stable: "e_hull < 0.05"}`` for a name in ``model.binary_targets``): the OQMD preset derives ``insulator`` from
 ``band_gap`` and ``magnetic`` from ``magnetization`` (:func:`oqmd_preset`, the behaviour of every
 existing config, which :meth:`TaskSet.from_configs` reproduces exactly).
 """
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -45,6 +47,7 @@ class Task:
     decision_threshold: float = 0.5  # binary without a head: predicted positive when source prediction > this
     head: bool = True  # binary: the model has a logit for it
     title: str = ""
+    below: bool = False  # binary from a source: label = source < threshold instead
 
     def __post_init__(self) -> None:
         if self.kind not in (REGRESSION, BINARY):
@@ -66,7 +69,10 @@ class Task:
         return self.source or self.name if self.kind == BINARY else self.name
 
     def labels(self, values):
-        """0/1 labels from the label column's values (torch or numpy): source > threshold, or the 0/1 label."""
+        """0/1 labels from the label column's values (torch or numpy): source > threshold (< with ``below``),
+        or the 0/1 label."""
+        if self.source is not None and self.below:
+            return values < self.threshold
         return values > (self.threshold if self.source is not None else 0.5)
 
     def metrics(self, pred, true, prob=None) -> dict:
@@ -86,7 +92,20 @@ class Task:
                 "score": f"{self.source} regression"}
 
     def _label_threshold(self):
-        return self.threshold if self.source is not None else "0/1 label"
+        if self.source is None:
+            return "0/1 label"
+        return f"{self.source} < {self.threshold:g}" if self.below else self.threshold
+
+
+_RULE = re.compile(r"^\s*([^\s<>]+)\s*([<>])\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*$")
+
+
+def parse_rule(text: str, key: str = "train.binary_from") -> tuple[str, bool, float]:
+    """``"e_hull < 0.05"`` -> (source, below, threshold): a binary label derived from a regression target."""
+    m = _RULE.match(str(text))
+    if m is None:
+        raise UsageError(f"{key}: {text!r} is not a rule like 'dir_gap > 1.0' or 'e_hull < 0.05'")
+    return m.group(1), m.group(2) == "<", float(m.group(3))
 
 
 # the OQMD preset's classifications: (name, metrics key, source, TrainConfig label / decision threshold keys)
@@ -306,7 +325,8 @@ class TaskSet:
         rec = {"targets": list(self.names), "units": self.units(),
                "kinds": {t.name: t.kind for t in self.regression + self.binary},
                "classes": list(self.class_names),
-               "binary": [{"name": t.name, "source": t.source, "threshold": t.threshold, "head": t.head}
+               "binary": [{"name": t.name, "source": t.source, "threshold": t.threshold, "below": t.below,
+                           "head": t.head}
                           for t in self.binary],
                "standardised": {t.name: t.standardise for t in self.regression}}
         if mean is not None:
@@ -336,8 +356,19 @@ class TaskSet:
                 heads.append(task)
             elif source in names:
                 headless.append(task)
-        heads += [Task(n, "probability", BINARY, "bce", t.classification_weight, False)
-                  for n in getattr(model_cfg, "binary_targets", ())]
+        rules = dict(getattr(t, "binary_from", {}) or {})
+        for n in getattr(model_cfg, "binary_targets", ()):
+            if n not in rules:  # 0/1 labels read from its own column
+                heads.append(Task(n, "probability", BINARY, "bce", t.classification_weight, False))
+                continue
+            source, below, thr = parse_rule(rules[n], f"train.binary_from.{n}")
+            if source not in names:
+                raise UsageError(f"train.binary_from.{n}: {source!r} is not a target of the model {names}")
+            heads.append(Task(n, "probability", BINARY, "bce", t.classification_weight, False, source, thr,
+                              head=True, below=below))
+        extra = sorted(set(rules) - set(getattr(model_cfg, "binary_targets", ())))
+        if extra:
+            raise UsageError(f"train.binary_from: {extra[0]!r} is not in model.binary_targets")
         return cls(reg, tuple(heads + headless), tuple(t.used_targets(names)), t.classification_weight)
 
 

@@ -270,3 +270,45 @@ def test_set_targets_and_a_target_the_cache_lacks(perov_cache, tmp_path, capsys)
     rc = main(["train", "--config", str(cfg), "--cache", str(perov_cache), "--out", str(tmp_path / "r3")])
     err = capsys.readouterr().err.strip()
     assert rc != 0 and "has no target formation_energy, volume_per_atom, band_gap, magnetization" in err
+
+
+def test_binary_task_derived_by_a_rule_on_any_target():
+    cfg = ModelConfig(targets=("heat_all", "e_hull"), binary_targets=("stable", "wide"))
+    train = TrainConfig(binary_from={"stable": "e_hull < 0.05", "wide": "heat_all > 1.5"})
+    tasks = TaskSet.from_configs(cfg, train)
+    assert tasks.label_columns == ("heat_all", "e_hull")  # derived labels need no column of their own
+    y = torch.tensor([[1.0, 0.0], [2.0, 0.05], [1.6, 0.2]])
+    mask = torch.tensor([[True, True], [True, True], [False, True]])
+    labels, lmask = tasks.binary_labels(y, mask)
+    assert labels[:, 0].tolist() == [1.0, 0.0, 0.0] and lmask[:, 0].tolist() == [True, True, True]
+    assert labels[:, 1].tolist() == [0.0, 1.0, 1.0] and lmask[:, 1].tolist() == [True, True, False]
+    m = tasks.metrics(np.zeros((3, 2)), y.numpy(), mask.numpy(), np.array([[0.9, 0.1], [0.2, 0.8], [0.4, 0.5]]))
+    assert m["classification"]["stable"]["label_threshold"] == "e_hull < 0.05"
+    assert (m["classification"]["stable"]["tp"], m["classification"]["stable"]["tn"]) == (1, 2)
+    with pytest.raises(UsageError, match="'band_gap' is not a target of the model"):
+        TaskSet.from_configs(cfg, TrainConfig(binary_from={"stable": "band_gap > 0"}))
+    with pytest.raises(UsageError, match=r"is not in model\.binary_targets"):
+        TaskSet.from_configs(cfg, TrainConfig(binary_from={"metal": "e_hull > 0"}))
+    with pytest.raises(UsageError, match="is not a rule like"):
+        TrainConfig(binary_from={"stable": "e_hull <= 0.05"}).validate(("e_hull",))
+
+
+def test_train_with_a_rule_derived_head(perov_cache, tmp_path):
+    cfg = _config(tmp_path / "c.yaml", binary_targets=["low_heat"])
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(cfg), "--cache", str(perov_cache), "--targets", "heat_all,dir_gap",
+                 "--set", "train.binary_from={low_heat: 'heat_all < 1.0'}", "--out", str(run)]) == 0
+    best = torch.load(run / "best.pt", weights_only=True)
+    assert best["tasks"]["binary"] == [{"name": "low_heat", "source": "heat_all", "threshold": 1.0, "below": True,
+                                        "head": True}]
+    assert main(["evaluate", "--run", str(run), "--out", str(tmp_path / "ev"), "--split", "train"]) == 0
+    got = json.loads((tmp_path / "ev" / "metrics.json").read_text())["classification"]["low_heat"]
+    from cgnn_dgl.cache import load_packed
+
+    packed = load_packed(perov_cache)
+    split = json.loads((run / "split.json").read_text())
+    key = split["key"]
+    rows = [i for i, (e, n) in enumerate(zip(packed.entry_id, packed.names))
+            if (int(e) if key == "entry_id" else n) in set(split["train"])]
+    heat = packed.y[rows, packed.targets.index("heat_all")]
+    assert got["n"] == len(rows) and got["positives"] == int((heat < 1.0).sum())
