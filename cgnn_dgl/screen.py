@@ -329,11 +329,15 @@ class Predictor:
 
 
 def _model_labels(path: str) -> str:
-    """'synthetic' / 'real' / 'unknown': what the model's training labels were, from its cache's ingest flags."""
+    """'synthetic' / 'real' / 'unknown': what the model's training labels were, as its checkpoint records it
+    (or, for a checkpoint older than that record, from its cache's ingest flags)."""
     try:
         from cgnn_dgl import checkpoint as ckpt_mod
 
-        cache = (ckpt_mod.load(path).get("train_config") or {}).get("cache")
+        ckpt = ckpt_mod.load(path)
+        if isinstance(ckpt.get("synthetic"), bool):  # recorded at training time (cgnn_dgl.checkpoint)
+            return "synthetic" if ckpt["synthetic"] else "real"
+        cache = (ckpt.get("train_config") or {}).get("cache")
         flags = Path(str(cache)) / "ingest_flags.csv"
         if not cache or not flags.exists():
             return "unknown"
