@@ -1,6 +1,8 @@
-"""`cgnn screen`: symmetry-distinct counts (closed-form answers), shared-geometry graphs == coordinator."""
+"""`cgnn screen`: symmetry-distinct counts (closed-form answers), shared-geometry graphs == coordinator,
+screen == predict, hull against a hand-built phase diagram, resume."""
 from __future__ import annotations
 
+import math
 from math import comb
 
 import numpy as np
@@ -220,3 +222,252 @@ def test_resume_and_shards_equal_one_run(trained, tmp_path):
     for a, b in zip(one, joined):
         for t in TARGETS4:
             assert float(b[t]) == pytest.approx(float(a[t]), rel=1e-6, abs=1e-7)
+
+
+# --------------------------------------------------------------------------------------------------
+# stability: the hull of a hand-built Ni-Al phase diagram in OQMD schema
+
+NI_AL_KNOWN = {"Ni2Al": -0.8, "NiAl": -1.0, "NiAl3": -0.4}  # eV/atom; NiAl3 lies above the NiAl-Al tie line
+FCC4 = [(0, 0, 0), (.5, .5, 0), (.5, 0, .5), (0, .5, .5)]
+
+
+def ni_al_db(path):
+    """SQLite in the OQMD schema: the three known phases, and entries ingest's rules must NOT use."""
+    from test_ingest import Fixture
+
+    from ingest.db import create_schema, make_engine
+
+    f = Fixture()
+    f.rows["fits"] = [dict(name=n) for n in ("standard", "nothing")]
+    f.rows["compositions"] = [dict(formula=x) for x in ("Al1 Ni2", "Al1 Ni1", "Al3 Ni1", "Al1 Ni3", "Ni1 O1")]
+    cub = [[3.6, 0, 0], [0, 3.6, 0], [0, 0, 3.6]]
+    cells = {"Ni2Al": [("Ni", 0, 0, 0), ("Ni", 1 / 3, 1 / 3, 1 / 3), ("Al", 2 / 3, 2 / 3, 2 / 3)],
+             "NiAl": [("Ni", 0, 0, 0), ("Al", .5, .5, .5)],
+             "NiAl3": [("Ni", *FCC4[0])] + [("Al", *p) for p in FCC4[1:]],
+             "Ni3Al": [("Al", *FCC4[0])] + [("Ni", *p) for p in FCC4[1:]]}
+    for eid, (name, e) in enumerate(NI_AL_KNOWN.items(), start=1):
+        f.simple(eid, delta_e=e, lattice=cub, atoms=cells[name])
+    # 4: higher polymorph of NiAl, a duplicate of entry 2: reference pools it and keeps the lower -1.0
+    f.simple(4, dup=2, delta_e=-0.3, lattice=cub, atoms=cells["NiAl"])
+    # 5: Ni3Al far below the hull but duplicate_of_id NULL: never selected
+    f.simple(5, dup=None, delta_e=-5.0, lattice=cub, atoms=cells["Ni3Al"])
+    # 6: Ni3Al with an unconverged static (-5.0) and a converged relaxation (-9.0): no usable calculation
+    f.entry(6)
+    f.structure(61, 6, "static", cub, cells["Ni3Al"])
+    f.calc(601, 6, "static", 61, converged=False)
+    f.calc(602, 6, "relaxation", 61, converged=True)
+    f.fe(6001, 601, 6, "standard", -5.0)
+    f.fe(6002, 602, 6, "standard", -9.0)
+    # 7: NiAl3 whose only formation energy is >= 5 eV/atom: the reference rule drops it (would not lower anyway)
+    f.simple(7, delta_e=6.0, lattice=cub, atoms=cells["NiAl3"])
+    # 8: Ni3Al whose first formation-energy row (fit 'nothing') is -0.1 and its 'standard' one -3.0: the
+    #    reference rule takes the first row (-0.1, above the hull: no change), canonical the standard (-3.0)
+    f.entry(8)
+    f.structure(81, 8, "static", cub, cells["Ni3Al"])
+    f.calc(801, 8, "static", 81)
+    f.fe(8001, 801, 8, "nothing", -0.1)
+    f.fe(8002, 801, 8, "standard", -3.0)
+    # 9: NiO, outside the candidates' chemical system
+    f.simple(9, delta_e=-2.0, lattice=cub, atoms=[("Ni", 0, 0, 0), ("O", .5, .5, .5)])
+    engine = make_engine(f"sqlite:///{path}", must_exist=False)
+    create_schema(engine)
+    from ingest import tables as T
+
+    with engine.begin() as conn:
+        for name in ("fits", "compositions", "entries", "structures", "atoms", "calculations", "formation_energies"):
+            data = f.rows[name]
+            cols = sorted({k for r in data for k in r})
+            conn.execute(T.metadata.tables[name].insert(), [{c: r.get(c) for c in cols} for r in data])
+    engine.dispose()
+    return f"sqlite:///{path}"
+
+
+def _hand_hull(x_al: float, known: list[tuple[str, float]]) -> tuple[float, dict[str, float]]:
+    """Lower convex envelope of (x_Al, E) points by brute force over pairs: (energy, {formula: atom fraction})."""
+    from pymatgen.core import Composition
+
+    pts = [("Ni", 0.0, 0.0), ("Al", 1.0, 0.0)] + [(k, Composition(k).get_atomic_fraction("Al"), e) for k, e in known]
+    best: tuple[float, dict] = (math.inf, {})
+    for a in pts:
+        for b in pts:
+            if not a[1] <= x_al <= b[1]:
+                continue
+            w = 0.0 if b[1] == a[1] else (x_al - a[1]) / (b[1] - a[1])
+            e = (1 - w) * a[2] + w * b[2]
+            if e < best[0] - 1e-12:
+                dec: dict[str, float] = {}
+                for name, amt in ((a[0], 1 - w), (b[0], w)):
+                    if amt > 1e-12:
+                        key = Composition(name).reduced_formula
+                        dec[key] = dec.get(key, 0.0) + amt
+                best = (e, dec)
+    return best
+
+
+@pytest.mark.parametrize("selection", ["reference", "canonical"])
+def test_hull_against_hand_built_phase_diagram(trained, tmp_path, selection):
+    """e_above_hull = predicted formation energy - the hull worked out by hand from the known phases;
+    entries ingest's selection rule would not use (unconverged, duplicate_of NULL, non-static) never lower it."""
+    from pymatgen.core import Composition
+    from pymatgen.io.cif import CifWriter
+
+    from cgnn_dgl.config import ScreenConfig
+    from cgnn_dgl.fileio import atomic_write_text
+    from cgnn_dgl.screen import Screen, finish
+
+    url = ni_al_db(tmp_path / "nial.sqlite")
+    proto = Crystal("Ni", np.eye(3) * 3.52, [28] * 4, FCC4)
+    atomic_write_text(tmp_path / "fcc.cif", str(CifWriter(proto.to_pymatgen())))
+    out = tmp_path / "s"
+    cfg = ScreenConfig(model=str(trained / "run" / "member_0" / "best.pt"), prototype=str(tmp_path / "fcc.cif"),
+                       sites=(((0, 1, 2, 3), ("Ni", "Al")),), out=str(out), top=5, db=url, selection=selection)
+    screen = Screen(cfg, progress=False)
+    assert screen.rank_by == "e_above_hull"
+    summary = finish([out], out, 5, run_stats=screen.run(), hull=screen.hull)
+    # what each rule selects (worked out from the rules in ingest/select.py, entry by entry in ni_al_db):
+    known = list(NI_AL_KNOWN.items())
+    if selection == "reference":
+        known += [("Ni3Al", -0.1)]  # entry 8's first formation-energy row; 4 pooled under 2; 5, 6, 7 dropped
+    else:
+        known += [("Ni3Al", -3.0), ("NiAl3", 6.0)]  # entry 8's standard fit; 7 kept (no delta_e cap); 4, 5, 6 dropped
+    assert summary["known_phases"]["count"] == len(known)
+    rows = _read_csv(out / "candidates.csv")
+    assert sorted(Composition(r["formula"]).reduced_formula for r in rows) == sorted(
+        Composition(f).reduced_formula for f in ("Ni", "Ni3Al", "NiAl", "NiAl3", "Al"))
+    e_above = []
+    for r in rows:
+        e_hull, dec = _hand_hull(Composition(r["formula"]).get_atomic_fraction("Al"), known)
+        assert float(r["hull_energy"]) == pytest.approx(e_hull, abs=1e-9), r["formula"]
+        assert float(r["e_above_hull"]) == pytest.approx(float(r["formation_energy"]) - e_hull, abs=1e-7)
+        got: dict[str, float] = {}
+        for term in r["decomposition"].split(" + "):
+            amt, phase = term.split(" ")
+            got[Composition(phase).reduced_formula] = float(amt)
+        assert got.keys() == dec.keys(), (r["formula"], got, dec)
+        for k in dec:
+            assert got[k] == pytest.approx(dec[k], abs=1e-3)
+        e_above.append(float(r["e_above_hull"]))
+    assert e_above == sorted(e_above) and [int(r["rank"]) for r in rows] == [1, 2, 3, 4, 5]
+    if selection == "reference":  # the hull is the hand one, not lowered by the decoys: NiAl3 and Ni3Al off it
+        assert _hand_hull(0.25, known)[0] == pytest.approx(-0.6) and _hand_hull(0.75, known)[0] == pytest.approx(-0.5)
+
+
+# --------------------------------------------------------------------------------------------------
+# kill -9 mid-screen, rerun the same command: the same candidates.csv as an uninterrupted run
+
+BIG_SITES = ("0=Li,Na,K,Rb,Cs,Ca,Sr,Ba", "1=Ti,Zr,Hf,V,Nb,Ta", "2,3,4=O,N,F,S")  # 8 * 6 * C(6, 3) = 960
+
+
+def _screen_cmd(trained, out, *extra):
+    import sys
+
+    cmd = [sys.executable, "-m", "cgnn_dgl.cli", "screen", "--model", str(trained / "run" / "member_0" / "best.pt"),
+           "--prototype", str(trained / "proto.cif"), "--out", str(out), "--chunk-size", "16", "--threads", "1",
+           "--top", "3", *extra]
+    for s in BIG_SITES:
+        cmd += ["--site", s]
+    return cmd
+
+
+def test_kill9_mid_screen_resumes_with_nothing_lost_or_repeated(trained, tmp_path):
+    import subprocess
+    from pathlib import Path
+
+    from conftest import sigkill_after_lines
+
+    from cgnn_dgl.screen import PARTS
+
+    repo = Path(__file__).resolve().parents[1]
+    ref = tmp_path / "ref"
+    r = subprocess.run(_screen_cmd(trained, ref), capture_output=True, text=True, cwd=repo)
+    assert r.returncode == 0, r.stderr[-2000:]
+    n_chunks = 8 * 6 * 4 ** 3 // 16
+    assert len(list((ref / PARTS).glob("part-*.csv"))) == n_chunks
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_screen_cmd(trained, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=repo)
+    watch = out / PARTS / f"part-0000of0001-{n_chunks // 3:08d}.csv"
+    killed = sigkill_after_lines(proc, watch, 1, timeout=300)
+    assert killed is not None, "the screen finished before it could be killed"
+    assert proc.returncode == -9
+    done = sorted((out / PARTS).glob("part-*.csv"))
+    assert n_chunks // 3 < len(done) < n_chunks and not (out / "candidates.csv").exists()
+    stamps = {p.name: p.stat().st_mtime_ns for p in done}
+    r = subprocess.run(_screen_cmd(trained, out), capture_output=True, text=True, cwd=repo)
+    assert r.returncode == 0, r.stderr[-2000:]
+    after = {p.name: p for p in (out / PARTS).glob("part-*.csv")}
+    assert len(after) == n_chunks
+    assert all(after[name].stat().st_mtime_ns == t for name, t in stamps.items())  # finished chunks not redone
+    rows = _read_csv(out / "candidates.csv")
+    keys = [r["key"] for r in rows]
+    assert len(keys) == len(set(keys)) == 8 * 6 * comb(6, 3)  # nothing repeated, nothing lost
+    assert (out / "candidates.csv").read_bytes() == (ref / "candidates.csv").read_bytes()
+    assert (out / "unscoreable.csv").read_bytes() == (ref / "unscoreable.csv").read_bytes()
+
+
+def test_rank_by_a_target_the_model_lacks_is_one_line(trained, tmp_path):
+    import subprocess
+    from pathlib import Path
+
+    r = subprocess.run(_screen_cmd(trained, tmp_path / "x", "--rank-by", "bulk_modulus"), capture_output=True,
+                       text=True, cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--rank-by bulk_modulus" in lines[0] and "formation_energy" in lines[0], r.stderr
+    assert not (tmp_path / "x").exists()  # refused before any output
+    r = subprocess.run(_screen_cmd(trained, tmp_path / "y", "--rank-by", "e_above_hull"), capture_output=True,
+                       text=True, cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--db" in r.stderr
+
+
+def test_unscoreable_candidates_listed_with_decoration_and_reason(trained, tmp_path):
+    """At has no atomic radius, Po has one but is outside the model's species: their decorations are listed
+    in unscoreable.csv (not scored, not dropped silently); the others are scored as usual."""
+    import json
+
+    from cgnn_dgl.config import ScreenConfig
+    from cgnn_dgl.screen import Screen, finish
+
+    sites = (((0,), ("Ca", "At", "Po")), ((1,), ("Ti", "Zr")), ((2, 3, 4), ("O", "F")))
+    out = tmp_path / "u"
+    cfg = ScreenConfig(model=str(trained / "run" / "member_0" / "best.pt"), prototype=str(trained / "proto.cif"),
+                       sites=sites, out=str(out), top=2, chunk_size=7)
+    screen = Screen(cfg, progress=False)
+    finish([out], out, 2, run_stats=screen.run(), hull=None)
+    ok = _read_csv(out / "candidates.csv")
+    bad = _read_csv(out / "unscoreable.csv")
+    assert len(ok) == 2 * 4 and {r["site_0"] for r in ok} == {"Ca"}
+    assert len(bad) == 2 * 2 * 4
+    assert list(bad[0]) == ["key", "formula", "site_0", "site_1", "site_2", "site_3", "site_4", "reason"]
+    seen = set()
+    for r in bad:
+        assert r["site_0"] in ("At", "Po") and r["site_1"] in ("Ti", "Zr")
+        assert {r[f"site_{s}"] for s in (2, 3, 4)} <= {"O", "F"}
+        assert r["site_0"] in r["formula"]
+        if r["site_0"] == "At":
+            assert r["reason"].startswith("no_radius") and "At has no atomic radius" in r["reason"]
+        else:
+            assert r["reason"].startswith("unsupported_element") and "Po is outside the model" in r["reason"]
+        seen.add((r["site_0"], r["site_1"], "".join(sorted(r[f"site_{s}"] for s in (2, 3, 4)))))
+    assert len(seen) == len(bad)  # each symmetry-distinct decoration once
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["unscoreable"] == 16 and summary["unscoreable_reasons"] == {"no_radius": 8,
+                                                                               "unsupported_element": 8}
+    assert summary["symmetry_distinct"] == 24 and summary["scored"] == 8
+
+
+def test_model_labels_come_from_the_checkpoint_record(tmp_path):
+    """What the model learnt (synthetic or real labels) is read from the checkpoint's record when it has one,
+    else from its cache's ingest flags."""
+    import torch
+
+    from cgnn_dgl.screen import _model_labels
+
+    for flag, want in ((True, "synthetic"), (False, "real")):
+        torch.save({"synthetic": flag, "train_config": {"cache": str(tmp_path / "none")}}, tmp_path / "m.pt")
+        assert _model_labels(str(tmp_path / "m.pt")) == want
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "ingest_flags.csv").write_text("name,synthetic\na,True\n")
+    torch.save({"train_config": {"cache": str(tmp_path / "c")}}, tmp_path / "old.pt")
+    assert _model_labels(str(tmp_path / "old.pt")) == "synthetic"
+    torch.save({"synthetic": None, "train_config": {"cache": str(tmp_path / "none")}}, tmp_path / "u.pt")
+    assert _model_labels(str(tmp_path / "u.pt")) == "unknown"
