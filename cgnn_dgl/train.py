@@ -576,7 +576,7 @@ def constant_targets(packed, train_idx: np.ndarray, names) -> dict[str, float]:
     0 for every Perov-5 crystal: {name: value}."""
     out = {}
     y, mask = packed.y[train_idx], packed.y_mask[train_idx].astype(bool)
-    for name, col in zip(names, target_columns(names)):
+    for name, col in zip(names, target_columns(names, packed.targets)):
         vals = y[mask[:, col], col]
         if vals.size >= 2 and float(vals.max()) == float(vals.min()):
             out[name] = float(vals[0])
