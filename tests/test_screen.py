@@ -453,3 +453,21 @@ def test_unscoreable_candidates_listed_with_decoration_and_reason(trained, tmp_p
     assert summary["unscoreable"] == 16 and summary["unscoreable_reasons"] == {"no_radius": 8,
                                                                                "unsupported_element": 8}
     assert summary["symmetry_distinct"] == 24 and summary["scored"] == 8
+
+
+def test_model_labels_come_from_the_checkpoint_record(tmp_path):
+    """What the model learnt (synthetic or real labels) is read from the checkpoint's record when it has one,
+    else from its cache's ingest flags."""
+    import torch
+
+    from cgnn_dgl.screen import _model_labels
+
+    for flag, want in ((True, "synthetic"), (False, "real")):
+        torch.save({"synthetic": flag, "train_config": {"cache": str(tmp_path / "none")}}, tmp_path / "m.pt")
+        assert _model_labels(str(tmp_path / "m.pt")) == want
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "ingest_flags.csv").write_text("name,synthetic\na,True\n")
+    torch.save({"train_config": {"cache": str(tmp_path / "c")}}, tmp_path / "old.pt")
+    assert _model_labels(str(tmp_path / "old.pt")) == "synthetic"
+    torch.save({"synthetic": None, "train_config": {"cache": str(tmp_path / "none")}}, tmp_path / "u.pt")
+    assert _model_labels(str(tmp_path / "u.pt")) == "unknown"
