@@ -143,6 +143,14 @@ def calibration_plot(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray]
 # prediction
 
 
+def first_checkpoint(path) -> Path:
+    """The checkpoint file behind ``--model PATH`` (member 0 of an ensemble run, a run's best.pt, or the file)."""
+    path = Path(path)
+    if is_ensemble_dir(path):
+        return path / read_ensemble_json(path)["members"][0]
+    return path / "best.pt" if path.is_dir() else path
+
+
 @dataclass
 class Prediction:
     """Physical-unit predictions of a model or ensemble for ``n`` crystals, columns ``targets``.
@@ -171,6 +179,8 @@ class Ensemble:
         self.targets = tuple(config.targets)
         self.scale = np.ones(len(self.targets)) if scale is None else np.asarray(scale, float).reshape(-1)
         self.source = source
+        rec = getattr(self.models[0], "record", None) or {}
+        self.units = dict((rec.get("tasks") or {}).get("units") or {})  # as the checkpoint records them
 
     def __len__(self) -> int:
         return len(self.models)
@@ -297,7 +307,7 @@ def train_ensemble(cfg, run_dir, resume: bool = False) -> dict:
     """Train (or resume) the ``cfg.train.ensemble`` members in ``run_dir``, then calibrate on val."""
     from cgnn_dgl.rundir import CONFIG, LAST, SPLIT
     from cgnn_dgl.split import save_split
-    from cgnn_dgl.train import Dist, load_cache, make_split
+    from cgnn_dgl.train import Dist, load_cache, make_split, split_method
 
     run_dir = Path(run_dir)
     n = int(cfg.train.ensemble)
@@ -313,8 +323,8 @@ def train_ensemble(cfg, run_dir, resume: bool = False) -> dict:
     split_path = run_dir / SPLIT
     if not split_path.is_file():  # one split for every member, fixed before the first one trains
         split = make_split(packed, cfg.train)
-        save_split(split_path, split, packed.entry_id, packed.names, method="formula",
-                   seed=cfg.train.split_seed, source=str(cfg.train.split_file or "formula_split"))
+        save_split(split_path, split, packed.entry_id, packed.names, method=split_method(cfg.train),
+                   seed=cfg.train.split_seed, source=str(cfg.train.split_file or f"{split_method(cfg.train)}_split"))
     workers = max(1, min(int(cfg.train.workers), n))
     jobs = []
     for k in range(n):
@@ -358,7 +368,7 @@ def calibrate_ensemble(run_dir, cfg, packed) -> dict:
     ens = Ensemble.load_members(run_dir, members, device)
     parts = load_split(run_dir / SPLIT, packed.entry_id, packed.names)
     val = parts["val"]
-    cols = target_columns(ens.targets)
+    cols = target_columns(ens.targets, packed.targets)
     calib: dict = {"split": "val", "level": 0.95, "scale": {}, "n": {}, "coverage_95_raw": {},
                    "coverage_95": {}, "coverage_68": {}}
     if len(val):

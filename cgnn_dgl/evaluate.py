@@ -34,7 +34,6 @@ from cgnn_dgl.errors import UsageError
 
 log = logging.getLogger(__name__)
 
-UNITS = {"formation_energy": "eV/atom", "volume_per_atom": "Å³/atom", "band_gap": "eV", "magnetization": "μB/atom"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -97,33 +96,16 @@ def binary_metrics(labels, predicted, scores) -> dict:
     }
 
 
-def compute_metrics(targets, pred, true, mask, train_cfg, prob=None) -> dict:
-    """Regression metrics per target and the two classification tasks that the heads allow."""
-    out: dict = {"regression": {}, "classification": {}}
-    targets = list(targets)
-    for k, name in enumerate(targets):
-        m = mask[:, k]
-        out["regression"][name] = {**regression_metrics(pred[m, k], true[m, k]), "unit": UNITS.get(name, "")}
-    tasks = (("metal_insulator", "band_gap", train_cfg.gap_threshold, train_cfg.gap_decision_threshold, 0),
-             ("magnetic", "magnetization", train_cfg.mag_threshold, train_cfg.mag_decision_threshold, 1))
-    for task, name, thr, decision, head in tasks:
-        if name not in targets:
-            continue
-        k = targets.index(name)
-        m = mask[:, k]
-        labels = true[m, k] > thr
-        if prob is not None:
-            scores = prob[m, head]
-            predicted = scores > 0.5
-            score_from = "classification head"
-        else:
-            scores = pred[m, k]
-            predicted = scores > decision
-            score_from = f"{name} regression"
-        out["classification"][task] = {**binary_metrics(labels, predicted, scores), "label_threshold": thr,
-                                       "decision_threshold": 0.5 if prob is not None else decision,
-                                       "score": score_from}
-    return out
+def compute_metrics(targets, pred, true, mask, train_cfg, prob=None, tasks=None) -> dict:
+    """Each task's metrics (:meth:`cgnn_dgl.tasks.TaskSet.metrics`). Without ``tasks``: the regression
+    ``targets`` and the OQMD classifications they allow (from heads when ``prob`` is given)."""
+    if tasks is None:
+        from cgnn_dgl.config import ModelConfig
+        from cgnn_dgl.tasks import TaskSet
+
+        tasks = TaskSet.from_configs(ModelConfig(targets=tuple(targets), classification_heads=prob is not None),
+                                     train_cfg)
+    return tasks.metrics(pred, true, mask, prob)
 
 
 def add_mean_baseline(metrics: dict, targets, y_train, m_train, y_eval, m_eval) -> None:
@@ -141,7 +123,7 @@ def add_mean_baseline(metrics: dict, targets, y_train, m_train, y_eval, m_eval) 
 # plots
 
 
-def parity_plot(path: Path, name: str, pred, true, metrics: dict) -> None:
+def parity_plot(path: Path, name: str, pred, true, metrics: dict, unit: str | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -153,9 +135,10 @@ def parity_plot(path: Path, name: str, pred, true, metrics: dict) -> None:
         hi = float(max(np.max(true), np.max(pred)))
         ax.plot([lo, hi], [lo, hi], color="0.5", lw=1)
         ax.scatter(true, pred, s=4, alpha=0.5, lw=0)
-    unit = UNITS.get(name, "")
-    ax.set_xlabel(f"DFT {name} ({unit})")
-    ax.set_ylabel(f"predicted ({unit})")
+    unit = metrics.get("unit", "") if unit is None else unit
+    what = f" ({unit})" if unit else ""
+    ax.set_xlabel(f"true {name}{what}")
+    ax.set_ylabel(f"predicted {name}{what}")
     if metrics.get("mae") is not None:
         ax.set_title(f"{name}: MAE {metrics['mae']:.4g}, RMSE {metrics['rmse']:.4g} (n={metrics['n']})", fontsize=9)
     fig.tight_layout()
@@ -163,7 +146,7 @@ def parity_plot(path: Path, name: str, pred, true, metrics: dict) -> None:
     plt.close(fig)
 
 
-def curves_plot(path: Path, history_csv: Path) -> bool:
+def curves_plot(path: Path, history_csv: Path, units: dict[str, str] | None = None) -> bool:
     if not history_csv.is_file():
         return False
     with open(history_csv) as fh:
@@ -191,7 +174,8 @@ def curves_plot(path: Path, history_csv: Path) -> bool:
         name = k[len("val_mae_"):]
         v = col(k)
         if np.isfinite(v).any():
-            axes[1].plot(ep, v, label=f"{name} ({UNITS.get(name, '')})")
+            unit = (units or {}).get(name, "")
+            axes[1].plot(ep, v, label=f"{name} ({unit})" if unit else name)
     axes[1].set_yscale("log")
     axes[1].set_xlabel("epoch")
     axes[1].set_ylabel("validation MAE")
@@ -212,7 +196,8 @@ def evaluate_run(run_dir, cache: str | None = None, split: str = "test", out: st
     from cgnn_dgl.ensemble import Ensemble, is_ensemble_dir
     from cgnn_dgl.rundir import BEST, CONFIG, HISTORY, SPLIT, resolve_device
     from cgnn_dgl.split import load_split
-    from cgnn_dgl.train import load_cache, target_columns
+    from cgnn_dgl.tasks import TaskSet
+    from cgnn_dgl.train import load_cache
 
     run_dir = Path(run_dir)
     ensemble = is_ensemble_dir(run_dir)
@@ -241,13 +226,16 @@ def evaluate_run(run_dir, cache: str | None = None, split: str = "test", out: st
     res = ens.predict(packed, idx, batch_size or train_cfg.eval_batch_size or train_cfg.batch_size, dev,
                       train_cfg.backend)
     pred, prob, std = res.mean, res.prob, res.std
-    cols = target_columns(mcfg.targets)
-    true = packed.y[idx][:, cols]
-    mask = packed.y_mask[idx][:, cols]
-    metrics = compute_metrics(mcfg.targets, pred, true, mask, train_cfg, prob)
+    tasks = TaskSet.from_configs(mcfg, train_cfg, {**packed.units, **getattr(ens, "units", {})})
+    cols = tasks.columns(packed.targets, f"the cache {cache or train_cfg.cache}")
+    T = len(tasks.names)
+    true_all, mask_all = packed.y[idx][:, cols], packed.y_mask[idx][:, cols]
+    metrics = tasks.metrics(pred, true_all, mask_all, prob)
+    true, mask = true_all[:, :T], mask_all[:, :T]
+    cols = cols[:T]
     metrics.update(split=split, n=int(len(idx)), run=str(run_dir))
     if std is not None:
-        add_uncertainty(metrics, mcfg.targets, res, true, mask, ens.scale)
+        add_uncertainty(metrics, mcfg.targets, res, true, mask, ens.scale, tasks.units())
         metrics["members"] = len(ens)
     add_mean_baseline(metrics, mcfg.targets, packed.y[parts["train"]][:, cols], packed.y_mask[parts["train"]][:, cols],
                       true, mask)
@@ -255,12 +243,12 @@ def evaluate_run(run_dir, cache: str | None = None, split: str = "test", out: st
     out_dir = Path(out) if out else run_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / f"{split}_predictions.csv", "w", newline="") as fh:
-        w = csv.writer(fh)
+        w = csv.writer(fh, lineterminator="\n")
         header = ["name", "entry_id"]
         for name in mcfg.targets:
             header += [f"{name}_pred", f"{name}_true"] + ([f"{name}_std"] if std is not None else [])
         if prob is not None:
-            header += ["p_insulator", "p_magnetic"]
+            header += [f"p_{c}" for c in tasks.class_names]
         w.writerow(header)
         for r, i in enumerate(idx):
             row = [packed.names[i], int(packed.entry_id[i])]
@@ -277,7 +265,7 @@ def evaluate_run(run_dir, cache: str | None = None, split: str = "test", out: st
             m = mask[:, k]
             if m.any():
                 parity_plot(out_dir / f"parity_{name}.png", name, pred[m, k], true[m, k], metrics["regression"][name])
-        curves_plot(out_dir / "training_curves.png", run_dir / HISTORY)
+        curves_plot(out_dir / "training_curves.png", run_dir / HISTORY, tasks.units())
         if std is not None:
             from cgnn_dgl.ensemble import calibration_curve, calibration_plot
 
@@ -288,7 +276,7 @@ def evaluate_run(run_dir, cache: str | None = None, split: str = "test", out: st
     return metrics
 
 
-def add_uncertainty(metrics: dict, targets, res, true, mask, scale) -> None:
+def add_uncertainty(metrics: dict, targets, res, true, mask, scale, units: dict[str, str] | None = None) -> None:
     """Per-target uncertainty figures of an ensemble prediction (calibrated, and raw coverage)."""
     from cgnn_dgl.ensemble import Z95, interval_coverage, uncertainty_metrics
 
@@ -299,7 +287,7 @@ def add_uncertainty(metrics: dict, targets, res, true, mask, scale) -> None:
         u["coverage_95_uncalibrated"] = (interval_coverage(res.mean[m, k], res.std_raw[m, k], true[m, k], Z95)
                                          if m.any() else None)
         u["std_scale"] = float(scale[k])
-        u["unit"] = UNITS.get(name, "")
+        u["unit"] = (units or {}).get(name, "")
         out[name] = u
     metrics["uncertainty"] = out
 

@@ -4,9 +4,12 @@ and screen, so none of them imports the training loop to find a file or a device
 Run folder (``cgnn train --out RUN``)::
 
     config.yaml     the resolved run config (model + train)
-    split.json      the train/val/test split, keyed by entry id (or name); reused on resume
+    split.json      the train/val/test split (train.split: formula | random | file), keyed by entry id (or
+                    name); reused on resume
     last.pt         full state after the latest epoch (weights, optimizer, scheduler, RNG, history, ...)
-    best.pt         the model with the best validation score so far (what evaluate/predict use)
+    best.pt         the model with the best validation score so far (what evaluate/predict use); like
+                    last.pt it records its tasks, units, standardisation and the cache's coordinator
+                    parameters (cgnn_dgl.checkpoint)
     history.csv     epoch, lr, time, train/val loss, train/val MAE per target, val score
 
 Every file is written atomically (temporary file, fsync, rename), so ``kill -9`` at any moment leaves a

@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 MANIFEST = "screen.json"
 PARTS = "parts"
 E_HULL = "e_above_hull"
-PROBS = ("p_insulator", "p_magnetic")
+PROBS = ("p_insulator", "p_magnetic")  # the OQMD preset's class probabilities (a model's own: Layout.classes)
 UNITS = {"formation_energy": "eV/atom", "volume_per_atom": "Å^3/atom", "band_gap": "eV",
          "magnetization": "μB/atom", E_HULL: "eV/atom", "hull_energy": "eV/atom"}
 _MAX_KEYS = 1 << 62
@@ -311,7 +311,10 @@ class Predictor:
         self.ensemble = Ensemble.load(path, device=device)
         self.config = self.ensemble.config
         self.targets = tuple(self.ensemble.targets)
-        self.has_probs = bool(getattr(self.config, "classification_heads", False))
+        from cgnn_dgl.tasks import class_names
+
+        self.classes = class_names(self.config)
+        self.has_probs = bool(self.classes)
         self.is_ensemble = self.ensemble.is_ensemble
         # the checkpoint whose coordinator settings built the training graphs (member 0 of an ensemble)
         first = Path(path) / read_ensemble_json(path)["members"][0] if is_ensemble_dir(path) else Path(path)
@@ -326,11 +329,15 @@ class Predictor:
 
 
 def _model_labels(path: str) -> str:
-    """'synthetic' / 'real' / 'unknown': what the model's training labels were, from its cache's ingest flags."""
+    """'synthetic' / 'real' / 'unknown': what the model's training labels were, as its checkpoint records it
+    (or, for a checkpoint older than that record, from its cache's ingest flags)."""
     try:
         from cgnn_dgl import checkpoint as ckpt_mod
 
-        cache = (ckpt_mod.load(path).get("train_config") or {}).get("cache")
+        ckpt = ckpt_mod.load(path)
+        if isinstance(ckpt.get("synthetic"), bool):  # recorded at training time (cgnn_dgl.checkpoint)
+            return "synthetic" if ckpt["synthetic"] else "real"
+        cache = (ckpt.get("train_config") or {}).get("cache")
         flags = Path(str(cache)) / "ingest_flags.csv"
         if not cache or not flags.exists():
             return "unknown"
@@ -422,6 +429,7 @@ class Layout:
     std: bool
     probs: bool
     hull: bool
+    classes: tuple[str, ...] = ("insulator", "magnetic")  # the logit columns (screen.json before: the OQMD two)
 
     @property
     def columns(self) -> list[str]:
@@ -429,7 +437,7 @@ class Layout:
         if self.std:
             cols += [f"{t}_std" for t in self.targets]
         if self.probs:
-            cols += list(PROBS)
+            cols += [f"p_{c}" for c in self.classes]
         if self.hull:
             cols += ["hull_energy", E_HULL, "decomposition"]
         return cols
@@ -491,7 +499,7 @@ class Screen:
         self.neigh = ProtoNeighbours(self.proto, rmin, rmax, self.model.params)
         self.hull: Hull | None = None
         self.layout = Layout(self.dec.named.tolist(), self.model.targets, self.model.is_ensemble,
-                             self.model.has_probs, cfg.db is not None)
+                             self.model.has_probs, cfg.db is not None, tuple(self.model.classes))
         self._formulas: dict = {}
 
     def _rank_key(self) -> str:
@@ -536,7 +544,8 @@ class Screen:
         atomic_write_text(self.out / "prototype.cif", Path(self.cfg.prototype).read_text())
         manifest = {"fingerprint": fp, "shards": sorted(shards), "layout": self.layout.__dict__,
                     "total_decorations": self.dec.total, "n_chunks": self.n_chunks,
-                    "model_targets": list(self.model.targets), "model_labels": self.model.labels}
+                    "model_targets": list(self.model.targets), "model_labels": self.model.labels,
+                    "model_units": dict(self.model.ensemble.units)}
         atomic_write_json(man_path, manifest)
         return manifest
 
@@ -617,7 +626,7 @@ class Screen:
         T = len(self.model.targets)
         if m == 0:
             return np.zeros((0, T)), (np.zeros((0, T)) if self.model.is_ensemble else None), \
-                (np.zeros((0, 2)) if self.model.has_probs else None)
+                (np.zeros((0, len(self.model.classes))) if self.model.has_probs else None)
         counts, src, dst, ratio = self.neigh.graphs(numbers)
         n_bonds = counts.reshape(m, n).sum(axis=1)
         packed = PackedGraphs.from_arrays(numbers.reshape(-1), np.full(m, n), n_bonds, src, dst,
@@ -751,8 +760,10 @@ def finish(dirs: Sequence[Path], out: Path, top: int, model_path: str | None = N
     cifs = write_top_cifs(out / "top", proto_path, tops, layout, model, labels)
     plot = plot_distribution(out / "hull_distance.png", np.asarray(values, dtype=float), rank_by, descending,
                              min(top, n), model, labels)
-    units = {c: UNITS.get(c.removesuffix("_std"), "") for c in cols}
-    units.update({"p_insulator": "probability", "p_magnetic": "probability", "rank": "1 = best"})
+    recorded = manifest.get("model_units") or {}  # as the model's checkpoint records them
+    units = {c: recorded.get(c.removesuffix("_std")) or UNITS.get(c.removesuffix("_std"), "") for c in cols}
+    units.update({f"p_{c}": "probability" for c in layout.classes})
+    units["rank"] = "1 = best"
     meta = {
         "what": "cgnn screen: symmetry-distinct decorations of a prototype, scored by a CGNN model",
         "model": model, "model_labels": labels,

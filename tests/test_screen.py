@@ -350,3 +350,124 @@ def test_hull_against_hand_built_phase_diagram(trained, tmp_path, selection):
     assert e_above == sorted(e_above) and [int(r["rank"]) for r in rows] == [1, 2, 3, 4, 5]
     if selection == "reference":  # the hull is the hand one, not lowered by the decoys: NiAl3 and Ni3Al off it
         assert _hand_hull(0.25, known)[0] == pytest.approx(-0.6) and _hand_hull(0.75, known)[0] == pytest.approx(-0.5)
+
+
+# --------------------------------------------------------------------------------------------------
+# kill -9 mid-screen, rerun the same command: the same candidates.csv as an uninterrupted run
+
+BIG_SITES = ("0=Li,Na,K,Rb,Cs,Ca,Sr,Ba", "1=Ti,Zr,Hf,V,Nb,Ta", "2,3,4=O,N,F,S")  # 8 * 6 * C(6, 3) = 960
+
+
+def _screen_cmd(trained, out, *extra):
+    import sys
+
+    cmd = [sys.executable, "-m", "cgnn_dgl.cli", "screen", "--model", str(trained / "run" / "member_0" / "best.pt"),
+           "--prototype", str(trained / "proto.cif"), "--out", str(out), "--chunk-size", "16", "--threads", "1",
+           "--top", "3", *extra]
+    for s in BIG_SITES:
+        cmd += ["--site", s]
+    return cmd
+
+
+def test_kill9_mid_screen_resumes_with_nothing_lost_or_repeated(trained, tmp_path):
+    import subprocess
+    from pathlib import Path
+
+    from conftest import sigkill_after_lines
+
+    from cgnn_dgl.screen import PARTS
+
+    repo = Path(__file__).resolve().parents[1]
+    ref = tmp_path / "ref"
+    r = subprocess.run(_screen_cmd(trained, ref), capture_output=True, text=True, cwd=repo)
+    assert r.returncode == 0, r.stderr[-2000:]
+    n_chunks = 8 * 6 * 4 ** 3 // 16
+    assert len(list((ref / PARTS).glob("part-*.csv"))) == n_chunks
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_screen_cmd(trained, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=repo)
+    watch = out / PARTS / f"part-0000of0001-{n_chunks // 3:08d}.csv"
+    killed = sigkill_after_lines(proc, watch, 1, timeout=300)
+    assert killed is not None, "the screen finished before it could be killed"
+    assert proc.returncode == -9
+    done = sorted((out / PARTS).glob("part-*.csv"))
+    assert n_chunks // 3 < len(done) < n_chunks and not (out / "candidates.csv").exists()
+    stamps = {p.name: p.stat().st_mtime_ns for p in done}
+    r = subprocess.run(_screen_cmd(trained, out), capture_output=True, text=True, cwd=repo)
+    assert r.returncode == 0, r.stderr[-2000:]
+    after = {p.name: p for p in (out / PARTS).glob("part-*.csv")}
+    assert len(after) == n_chunks
+    assert all(after[name].stat().st_mtime_ns == t for name, t in stamps.items())  # finished chunks not redone
+    rows = _read_csv(out / "candidates.csv")
+    keys = [r["key"] for r in rows]
+    assert len(keys) == len(set(keys)) == 8 * 6 * comb(6, 3)  # nothing repeated, nothing lost
+    assert (out / "candidates.csv").read_bytes() == (ref / "candidates.csv").read_bytes()
+    assert (out / "unscoreable.csv").read_bytes() == (ref / "unscoreable.csv").read_bytes()
+
+
+def test_rank_by_a_target_the_model_lacks_is_one_line(trained, tmp_path):
+    import subprocess
+    from pathlib import Path
+
+    r = subprocess.run(_screen_cmd(trained, tmp_path / "x", "--rank-by", "bulk_modulus"), capture_output=True,
+                       text=True, cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--rank-by bulk_modulus" in lines[0] and "formation_energy" in lines[0], r.stderr
+    assert not (tmp_path / "x").exists()  # refused before any output
+    r = subprocess.run(_screen_cmd(trained, tmp_path / "y", "--rank-by", "e_above_hull"), capture_output=True,
+                       text=True, cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--db" in r.stderr
+
+
+def test_unscoreable_candidates_listed_with_decoration_and_reason(trained, tmp_path):
+    """At has no atomic radius, Po has one but is outside the model's species: their decorations are listed
+    in unscoreable.csv (not scored, not dropped silently); the others are scored as usual."""
+    import json
+
+    from cgnn_dgl.config import ScreenConfig
+    from cgnn_dgl.screen import Screen, finish
+
+    sites = (((0,), ("Ca", "At", "Po")), ((1,), ("Ti", "Zr")), ((2, 3, 4), ("O", "F")))
+    out = tmp_path / "u"
+    cfg = ScreenConfig(model=str(trained / "run" / "member_0" / "best.pt"), prototype=str(trained / "proto.cif"),
+                       sites=sites, out=str(out), top=2, chunk_size=7)
+    screen = Screen(cfg, progress=False)
+    finish([out], out, 2, run_stats=screen.run(), hull=None)
+    ok = _read_csv(out / "candidates.csv")
+    bad = _read_csv(out / "unscoreable.csv")
+    assert len(ok) == 2 * 4 and {r["site_0"] for r in ok} == {"Ca"}
+    assert len(bad) == 2 * 2 * 4
+    assert list(bad[0]) == ["key", "formula", "site_0", "site_1", "site_2", "site_3", "site_4", "reason"]
+    seen = set()
+    for r in bad:
+        assert r["site_0"] in ("At", "Po") and r["site_1"] in ("Ti", "Zr")
+        assert {r[f"site_{s}"] for s in (2, 3, 4)} <= {"O", "F"}
+        assert r["site_0"] in r["formula"]
+        if r["site_0"] == "At":
+            assert r["reason"].startswith("no_radius") and "At has no atomic radius" in r["reason"]
+        else:
+            assert r["reason"].startswith("unsupported_element") and "Po is outside the model" in r["reason"]
+        seen.add((r["site_0"], r["site_1"], "".join(sorted(r[f"site_{s}"] for s in (2, 3, 4)))))
+    assert len(seen) == len(bad)  # each symmetry-distinct decoration once
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["unscoreable"] == 16 and summary["unscoreable_reasons"] == {"no_radius": 8,
+                                                                               "unsupported_element": 8}
+    assert summary["symmetry_distinct"] == 24 and summary["scored"] == 8
+
+
+def test_model_labels_come_from_the_checkpoint_record(tmp_path):
+    """What the model learnt (synthetic or real labels) is read from the checkpoint's record when it has one,
+    else from its cache's ingest flags."""
+    import torch
+
+    from cgnn_dgl.screen import _model_labels
+
+    for flag, want in ((True, "synthetic"), (False, "real")):
+        torch.save({"synthetic": flag, "train_config": {"cache": str(tmp_path / "none")}}, tmp_path / "m.pt")
+        assert _model_labels(str(tmp_path / "m.pt")) == want
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "ingest_flags.csv").write_text("name,synthetic\na,True\n")
+    torch.save({"train_config": {"cache": str(tmp_path / "c")}}, tmp_path / "old.pt")
+    assert _model_labels(str(tmp_path / "old.pt")) == "synthetic"
+    torch.save({"synthetic": None, "train_config": {"cache": str(tmp_path / "none")}}, tmp_path / "u.pt")
+    assert _model_labels(str(tmp_path / "u.pt")) == "unknown"

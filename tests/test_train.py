@@ -406,6 +406,29 @@ def test_single_class_classification_tasks_do_not_pull(caplog):
     assert class_task_weights(y, m, ["formation_energy"], t).tolist() == [0.0, 0.0]  # no head inputs
 
 
+def test_detached_classification_heads_leave_the_regression_untouched(cache, tmp_path):
+    """model.classification_detach: the BCE loss trains the logit layer only, so trunk and regression
+    weights equal those of the same run without classification heads, bit for bit (CPU); without the
+    stop-gradient the classification loss changes them."""
+    from cgnn_dgl.train import train_run
+
+    def run(name, **model):
+        cfg = tiny_config(cache, tmp_path / name)
+        cfg = RunConfig.from_dict({"model": {**cfg.model.to_dict(), **model}, "train": cfg.train.to_dict()})
+        train_run(cfg, tmp_path / name)
+        return weights(tmp_path / name / "last.pt")
+
+    plain = run("plain")
+    detached = run("detached", classification_heads=True, classification_detach=True)
+    attached = run("attached", classification_heads=True)
+    assert any(k.startswith("classification.") for k in detached)
+    assert same_weights(plain, {k: v for k, v in detached.items() if not k.startswith("classification.")})
+    assert not same_weights(plain, {k: v for k, v in attached.items() if not k.startswith("classification.")})
+    assert not torch.equal(detached["classification.linear.weight"], attached["classification.linear.weight"])
+    with pytest.raises(UsageError, match="classification_detach"):
+        RunConfig.from_dict({"model": {**TINY_MODEL, "classification_detach": True}, "train": {}})
+
+
 # --------------------------------------------------------------------------------------------------
 # runs that would learn nothing are refused (issue 8, defect 6)
 

@@ -1,0 +1,73 @@
+"""bench/learn_perov5.py rows, smoke-sized (240 Perov-5 structures, 2 epochs, a small trunk): one row per
+call, the single model reused as ensemble member 0, the merged table, a changed config refused."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import learn_perov5
+    finally:
+        sys.path.pop(0)
+    return learn_perov5
+
+
+def test_rows_one_at_a_time_then_merge(bench, shared, tmp_path):
+    csv_path = shared / "data" / "perov5" / "train.csv"
+    cfg = tmp_path / "acc.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "model": {"preset": "benchmark", "classification_heads": True, "classification_detach": True},
+        "train": {"batch_size": 64, "epochs": 2, "scheduler": "cosine", "milestones": [1], "warmup_epochs": 1,
+                  "target_loss": {"band_gap": "l1"}}}))
+    small = ["--csv", str(csv_path), "--limit", "240", "--workers", "1", "--threads", "1", "--epochs", "2",
+             "--set", "model.n_hidden_feat=8", "--set", "model.n_graph_feat=16", "--config", str(cfg)]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert bench.main([*small, "--rows", "accurate", "--out", str(a)]) == 0
+    m0 = a / "accurate" / "member_0" / "best.pt"
+    stamp = m0.stat().st_mtime_ns
+    assert bench.main([*small, "--rows", "ensemble", "--members", "2", "--out", str(a)]) == 0
+    assert m0.stat().st_mtime_ns == stamp  # member 0 is the single model, reused
+    assert (a / "accurate" / "member_1" / "best.pt").is_file()
+    assert bench.main([*small, "--rows", "benchmark", "--out", str(b)]) == 0
+
+    single = json.loads((a / "rows" / "accurate.json").read_text())
+    ens = json.loads((a / "rows" / "ensemble.json").read_text())
+    ref = json.loads((b / "rows" / "benchmark.json").read_text())
+    assert (single["members"], ens["members"], ref["members"]) == (1, 2, 1)
+    assert ens["seeds"] == [12345, 12346] and ens["config"]["model"]["n_hidden_feat"] == 8
+    assert ref["config"]["train"]["batch_size"] == 512 and ref["config"]["model"]["classification_heads"] is False
+    for res in (single, ens, ref):
+        assert res["n_train"] + res["n_val"] + res["n_test"] == 240
+        for name in ("formation_energy", "volume_per_atom", "band_gap"):
+            r = res[name]
+            assert r["n"] > 0 and r["model_mae"] > 0 and r["mean_mae"] > 0
+            assert ("coverage_95" in r) == (res is ens)
+        auc = res["insulator_auc"]
+        assert auc["n"] == res["band_gap"]["n"]
+        assert ("from_p_insulator" in auc) == (res is not ref)
+        assert math.isnan(auc["from_gap"]) or 0 <= auc["from_gap"] <= 1
+    for name in ("formation_energy", "volume_per_atom", "band_gap"):
+        r = ens[name]
+        assert r["std_scale"] > 0 and 0 <= r["coverage_68"] <= r["coverage_95"] <= 1
+        assert ens["val"][name]["coverage_95"] == pytest.approx(0.95, abs=0.1)  # fitted there
+    assert single["train_seconds"] > 0 and ens["train_seconds"] > single["train_seconds"]
+
+    assert bench.main(["--merge", str(a), str(b), "--out", str(tmp_path / "m")]) == 0
+    table = (tmp_path / "m" / "table.md").read_text()
+    lines = [line for line in table.splitlines() if line.startswith("| ")]
+    assert [line.split("|")[1].strip() for line in lines[1:]] == ["benchmark", "accurate", "ensemble", "mean predictor"]
+    assert "--rows ensemble --members 2" in table
+
+    with pytest.raises(SystemExit, match="another config"):
+        bench.main([*small, "--rows", "accurate", "--out", str(a), "--set", "train.lr=0.01"])
