@@ -15,6 +15,7 @@ Rows (``--rows``, comma-separated; default all):
 Each model trains in ``OUT/<family>/member_k`` (family benchmark, accurate or geometry); the single-model
 row is member 0 of its ensemble, so ``accurate`` + ``ensemble`` train --members models, not one more.
 Finished members are reused and interrupted ones resume from ``last.pt`` (the same config is checked).
+``--train-member K`` trains only member K (parallel calls share the folder; a call without it scores).
 Each row writes ``OUT/rows/<row>.json``; ``--merge DIR ...`` prints one table from the rows of several
 output folders (long runs can be split into one row per call) and writes it to ``OUT/table.md``.
 
@@ -252,6 +253,14 @@ def run_row(packed, split, row: str, args, base: dict) -> dict:
     family = Path(args.out) / ROW_FAMILY[row]
     summaries, members = [], []
     t0 = time.perf_counter()
+    only = set(args.train_member or [])
+    if only:  # train just these members (e.g. in parallel calls); a later call without it scores the row
+        for k in sorted(only):
+            if k < n:
+                d = family / f"member_{k}"
+                print(f"[{row}] member {k + 1}/{n} in {d}", flush=True)
+                train_member(packed, split, member_seed_config(cfg, k, d), d)
+        return {}
     for k in range(n):
         d = family / f"member_{k}"
         print(f"[{row}] member {k + 1}/{n} in {d}", flush=True)
@@ -342,6 +351,8 @@ def main(argv=None) -> int:
                     help="override for every row: model.KEY=VALUE or [train.]KEY=VALUE (YAML value)")
     ap.add_argument("--merge", nargs="+", default=None, metavar="DIR",
                     help="train nothing: print one table of the rows in these output folders")
+    ap.add_argument("--train-member", type=int, action="append", default=None, metavar="K",
+                    help="only train member K of the rows (repeatable; no scoring): splits an ensemble over calls")
     ap.add_argument("--progress", action="store_true", help="progress bars")
     args = ap.parse_args(argv)
     args.command = "python bench/learn_perov5.py " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -369,7 +380,8 @@ def main(argv=None) -> int:
         split = formula_split(packed.formulas(), packed.n_elements(), seed=SPLIT_SEED)
     for row in rows:
         run_row(packed, split, row, args, base)
-    merge([args.out], Path(args.out))
+    if not args.train_member:
+        merge([args.out], Path(args.out))
     return 0
 
 

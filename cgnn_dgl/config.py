@@ -405,6 +405,11 @@ class TrainConfig:
     out_dir: str = "runs/cgnn"
     progress: bool = True
     record_seen: bool = False  # debug: write the entry ids each process trained on in epoch 1
+    # fine-tuning (cgnn_dgl/finetune.py): start from the trunk of this model (RUN/best.pt, or a reference
+    # state_dict whose preset init_arch names); heads of targets it lacks are fresh
+    init: str | None = None
+    init_arch: str | None = None  # benchmark | no_edgenet | complete, for a reference state_dict
+    freeze_trunk_epochs: int = 0  # train only the heads for the first N epochs (needs init)
 
     def validate(self, model_targets: tuple[str, ...] | list[str] = TARGETS, check_files: bool = True) -> None:
         def bad(msg: str):
@@ -469,6 +474,16 @@ class TrainConfig:
             bad("split: random and a split_file exclude each other; drop one")
         if check_files and self.split_file is not None and not Path(self.split_file).is_file():
             bad(f"split_file: {self.split_file} not found")
+        if self.freeze_trunk_epochs < 0:
+            bad(f"freeze_trunk_epochs must be >= 0 (got {self.freeze_trunk_epochs})")
+        if self.freeze_trunk_epochs and not self.init:
+            bad("freeze_trunk_epochs needs train.init (--init CKPT): a fresh trunk has nothing worth keeping")
+        if self.init_arch is not None and self.init_arch not in MODEL_PRESETS:
+            bad(f"init_arch: {self.init_arch!r} is not one of {MODEL_PRESETS}")
+        if self.init_arch is not None and not self.init:
+            bad("init_arch names the model of a train.init reference state_dict; give train.init (--init CKPT)")
+        if check_files and self.init is not None and not Path(self.init).is_file():
+            bad(f"init: {self.init} not found")
 
     def used_targets(self, model_targets) -> list[str]:
         return list(self.targets) if self.targets else list(model_targets)

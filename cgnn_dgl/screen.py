@@ -444,14 +444,48 @@ class Layout:
 
 
 def _formula(numbers_row: np.ndarray, cache: dict) -> str:
+    """pymatgen's reduced formula of one candidate (``cache`` keeps the per-element data and repeats)."""
     z, c = np.unique(numbers_row, return_counts=True)
     key = (z.tobytes(), c.tobytes())
     f = cache.get(key)
     if f is None:
-        from pymatgen.core import Composition, Element
-
-        f = cache[key] = Composition({Element.from_Z(int(a)): int(b) for a, b in zip(z, c)}).reduced_formula
+        f = cache[key] = reduced_formula(z, c, cache)
     return f
+
+
+def reduced_formula(z: np.ndarray, counts: np.ndarray, cache: dict | None = None) -> str:
+    """``Composition(...).reduced_formula`` without building a Composition: every candidate of a screen
+    has its own composition, so pymatgen's object path cost more than the model (issue 10's 5,000/s).
+    Same ordering (electronegativity, then symbol), gcd reduction and one-less digits; the rare cases
+    pymatgen rewrites (a polyanion group, its special formulas such as O2 or Li2O2, an element without an
+    electronegativity) are handed to pymatgen itself. A property test checks it against pymatgen."""
+    from math import gcd, isnan
+
+    cache = {} if cache is None else cache
+    els = []
+    for a in z.tolist():
+        e = cache.get(("el", a))
+        if e is None:
+            from pymatgen.core import Element
+
+            el = Element.from_Z(int(a))
+            e = cache[("el", a)] = (el.symbol, float(el.X))
+        els.append(e)
+    order = sorted(range(len(els)), key=lambda k: (els[k][1], els[k][0]))
+    xs = [els[k][1] for k in order]
+    amounts = [int(counts[k]) for k in order]
+    factor = gcd(*amounts)
+    rare = any(isnan(x) for x in xs) or (len(xs) >= 3 and xs[-1] - xs[-2] < 1.65
+                                         and gcd(amounts[-1] // factor, amounts[-2] // factor) != 1)
+    text = "".join(els[k][0] + (str(a // factor) if a != factor else "") for k, a in zip(order, amounts))
+    if rare or (len(els) <= 2 and text in _SPECIAL):
+        from pymatgen.core import Composition
+
+        return Composition({els[k][0]: int(counts[k]) for k in range(len(els))}).reduced_formula
+    return text
+
+
+_SPECIAL = frozenset({"LiO", "NaO", "KO", "HO", "CsO", "RbO", "O", "N", "F", "Cl", "H"})  # pymatgen doubles these
 
 
 # ----------------------------------------------------------------------------------------- runner

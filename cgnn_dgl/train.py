@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from cgnn_dgl import checkpoint as ckpt_mod
-from cgnn_dgl.config import RunConfig, TrainConfig, load_run_config
+from cgnn_dgl.config import MODEL_PRESETS, RunConfig, TrainConfig, load_run_config
 from cgnn_dgl.errors import CgnnError, UsageError
 from cgnn_dgl.fileio import atomic_write_text
 from cgnn_dgl.rundir import BEST, CONFIG, HISTORY, LAST, SPLIT, resolve_device
@@ -267,6 +267,12 @@ class Trainer:
         mean, std = self.tasks.target_stats(y_tr[:, :T], m_tr[:, :T])
         self.model = CGNN(cfg.model)
         self.model.set_target_stats(mean, std)
+        # fine-tuning: the init's trunk and matching heads (a resumed run has them in its last.pt already)
+        self.init_record = None
+        if self.t.init and resume_state is None:
+            from cgnn_dgl.finetune import apply_init, read_init
+
+            self.init_record = apply_init(self.model, read_init(self.t.init, self.t.init_arch))
         self.model.to(self.device)
         # what the checkpoints record: the tasks with their standardisation, and the cache's coordinator
         # parameters and label provenance (so that predict builds graphs as the training cache did)
@@ -288,6 +294,9 @@ class Trainer:
             self.net = torch.nn.parallel.DistributedDataParallel(self.heads, device_ids=None)
         self.runner = CompileFallback(maybe_compile(self.net, self.t.compile), self.net)
         self.opt = build_optimizer(self.model.parameters(), self.t)
+        from cgnn_dgl.finetune import trunk_modules, trunk_parameters
+
+        self._trunk_params, self._trunk_modules = trunk_parameters(self.model), trunk_modules(self.model)
         self.sched = build_scheduler(self.opt, self.t)
         self.epoch = 0
         self.best_score = math.inf
@@ -309,6 +318,7 @@ class Trainer:
         self.best_epoch = int(st["best_epoch"])
         self.since_best = int(st["epochs_since_best"])
         self.history = list(st.get("history", []))
+        self.init_record = st.get("init")
 
     def state(self) -> dict:
         return ckpt_mod.make_checkpoint(
@@ -324,7 +334,17 @@ class Trainer:
             history=self.history,
             world_size=self.dist.world,
             **self.record,
+            init=self.init_record,
         )
+
+    def _freeze_trunk(self, frozen: bool) -> None:
+        """During ``train.freeze_trunk_epochs`` the trunk runs in eval mode (batch-norm statistics stay) and,
+        outside DDP (which needs a fixed set of gradients), computes no gradients at all."""
+        for m in self._trunk_modules:
+            m.train(not frozen)
+        if not self.dist.enabled:
+            for p in self._trunk_params:
+                p.requires_grad_(not frozen)
 
     # -- one pass ----------------------------------------------------------------------------------
     def _batches(self, idx: np.ndarray, bs: int):
@@ -349,8 +369,10 @@ class Trainer:
         acc = torch.zeros(2 + 4 * T, dtype=torch.float64, device=self.device)
         std = self.model.target_std.to(self.device).float()
         mean = self.model.target_mean.to(self.device).float()
+        frozen = train and self.epoch < self.t.freeze_trunk_epochs
         if train:
             self.net.train()
+            self._freeze_trunk(frozen)
             idx = shard_indices(indices[self.np_rng.permutation(len(indices))], self.dist.rank, self.dist.world)
             bs = max(1, self.t.batch_size // self.dist.world)
             if self.t.record_seen and self.epoch == 0:
@@ -387,6 +409,9 @@ class Trainer:
                     return reg, sq, loss
 
                 reg, sq, loss = self.runner(attempt) if train else attempt(self.heads)
+                if frozen:  # no gradient, so the optimizer leaves the trunk alone (also under DDP)
+                    for p in self._trunk_params:
+                        p.grad = None
                 if train:
                     if self.t.clip_value > 0:
                         torch.nn.utils.clip_grad_value_(self.model.parameters(), self.t.clip_value)
@@ -465,7 +490,8 @@ class Trainer:
 
     def _best_state(self) -> dict:
         return ckpt_mod.make_checkpoint(self.model, self.cfg.model, train_config=self.t.to_dict(), epoch=self.epoch,
-                                        best_score=self.best_score, best_epoch=self.best_epoch, **self.record)
+                                        best_score=self.best_score, best_epoch=self.best_epoch, **self.record,
+                                        init=self.init_record)
 
 
 def write_history(path: Path, history: list[dict]) -> None:
@@ -598,6 +624,10 @@ def train_run(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict
             raise UsageError("train.epochs is 0, so nothing would be trained; set train.epochs to 1 or more")
         if (run_dir / LAST).is_file() and not resume:  # checked by every rank, so none waits forever
             raise UsageError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+        if cfg.train.init and not (run_dir / LAST).is_file():  # a resumed run's config.yaml has it already
+            from cgnn_dgl.finetune import init_model_config, read_init
+
+            cfg.model = init_model_config(cfg.model, read_init(cfg.train.init, cfg.train.init_arch))
         if dist.main:
             run_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(run_dir / CONFIG)
@@ -657,8 +687,8 @@ def _cmd_train(args) -> int:
         if args.config is None:
             raise UsageError("--config FILE is required (or --resume --out RUNDIR)")
         config_path = args.config
-    cfg = load_run_config(config_path, overrides, check_files=not (args.resume and run_dir is not None
-                                                                   and (run_dir / SPLIT).is_file()))
+    check_files = not (args.resume and run_dir is not None and (run_dir / SPLIT).is_file())
+    cfg = load_run_config(config_path, overrides, check_files=check_files)
     if args.cache:
         cfg.train.cache = args.cache
     if args.device:
@@ -668,6 +698,13 @@ def _cmd_train(args) -> int:
     cfg.train.out_dir = str(run_dir)
     if args.workers is not None:
         cfg.train.workers = args.workers
+    if args.init:
+        cfg.train.init = args.init
+    if args.arch:
+        cfg.train.init_arch = args.arch
+    if cfg.train.init_arch and not cfg.train.init:
+        raise UsageError("--arch names the model of an --init state_dict (an official reference .pth); give --init")
+    cfg.train.validate(cfg.model.targets, check_files=check_files)
     if cfg.train.ensemble > 1:
         from cgnn_dgl.ensemble import ENSEMBLE_JSON, train_ensemble
 
@@ -699,6 +736,11 @@ def register(sub) -> None:
     p.add_argument("--out", metavar="RUNDIR", help="run folder (overrides train.out_dir)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="overrides train.device")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    p.add_argument("--init", metavar="CKPT",
+                   help="fine-tune: start from the trunk of this model (RUN/best.pt, or an official reference "
+                        "state_dict with --arch); heads of targets it lacks are fresh (sets train.init)")
+    p.add_argument("--arch", choices=list(MODEL_PRESETS),
+                   help="the preset of an --init reference state_dict (sets train.init_arch)")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="ensembles (train.ensemble > 1): train N members at a time in separate processes "
                         "(overrides train.workers)")

@@ -7,6 +7,8 @@ from math import comb
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cgnn_dgl.structures import Crystal
 
@@ -471,3 +473,21 @@ def test_model_labels_come_from_the_checkpoint_record(tmp_path):
     assert _model_labels(str(tmp_path / "old.pt")) == "synthetic"
     torch.save({"synthetic": None, "train_config": {"cache": str(tmp_path / "none")}}, tmp_path / "u.pt")
     assert _model_labels(str(tmp_path / "u.pt")) == "unknown"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 94), st.integers(1, 12)), min_size=1, max_size=5, unique_by=lambda t: t[0]))
+def test_reduced_formula_equals_pymatgen(comp):
+    """The fast formula of a candidate is pymatgen's reduced formula, rare rewrites included."""
+    import warnings
+
+    from pymatgen.core import Composition, Element
+
+    from cgnn_dgl.screen import reduced_formula
+
+    z = np.array(sorted(a for a, _ in comp))
+    counts = np.array([dict(comp)[a] for a in z])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = Composition({Element.from_Z(int(a)): int(n) for a, n in zip(z, counts)}).reduced_formula
+        assert reduced_formula(z, counts) == expected
