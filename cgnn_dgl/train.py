@@ -670,6 +670,11 @@ def _cmd_train(args) -> int:
         if not names:
             raise UsageError(f"--targets {args.targets!r}: expected names separated by commas, e.g. heat_all,dir_gap")
         overrides.append("model.targets=" + json.dumps(names))  # JSON is YAML: names stay strings
+    if args.init or args.arch:  # as overrides, so the config is checked with them (freeze_trunk_epochs needs init)
+        import json
+
+        overrides += [f"train.{key}={json.dumps(value)}" for key, value in
+                      (("init", args.init), ("init_arch", args.arch)) if value]
     run_dir = Path(args.out) if args.out else None
     if args.resume:
         if run_dir is None:

@@ -167,10 +167,13 @@ def test_cli_init_and_arch(cache, base, tmp_path):
     run = [sys.executable, "-m", "cgnn_dgl.cli", "train", "--config", str(cfg), "--cache", str(cache)]
     bad = subprocess.run(run + ["--out", str(tmp_path / "a"), "--arch", "benchmark"], capture_output=True,
                          text=True, env=env)
-    assert bad.returncode == 2 and "--arch names the model of an --init state_dict" in bad.stderr
+    assert bad.returncode == 2 and "state_dict" in bad.stderr and "--init" in bad.stderr
     ok = subprocess.run(run + ["--out", str(tmp_path / "b"), "--init", str(base), "--set",
                                "model.targets=[volume_per_atom]"], capture_output=True, text=True, env=env)
     assert ok.returncode == 0, ok.stderr[-2000:]
     ck = torch.load(tmp_path / "b" / "best.pt", weights_only=True)
     assert ck["init"]["sha256"] == sha256_file(base) and ck["init"]["kept_heads"] == ["volume_per_atom"]
     assert ck["model_config"]["n_conv"] == 2  # the init's architecture
+    frozen = subprocess.run(run + ["--out", str(tmp_path / "c"), "--init", str(base), "--set",
+                                   "train.freeze_trunk_epochs=1"], capture_output=True, text=True, env=env)
+    assert frozen.returncode == 0, frozen.stderr[-2000:]  # --init counts when the config is checked
