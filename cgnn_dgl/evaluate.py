@@ -328,11 +328,12 @@ def register(sub) -> None:
     p = sub.add_parser("evaluate", help="metrics, predictions CSV and plots of a trained run",
                        description="Evaluate RUN/best.pt on one split of the run's split.json: writes "
                                    "<split>_predictions.csv, metrics.json, parity plots and training curves.")
-    p.add_argument("--run", required=True, metavar="RUNDIR")
+    p.add_argument("--run", required=True, metavar="RUNDIR", help="a `cgnn train` run folder (holds best.pt)")
     p.add_argument("--cache", metavar="DIR", help="graph cache (default: the run's train.cache)")
-    p.add_argument("--split", default="test", choices=["test", "val", "train"])
+    p.add_argument("--split", default="test", choices=["test", "val", "train"],
+                   help="which part of the run's split.json (default: %(default)s)")
     p.add_argument("--out", metavar="DIR", help="output folder (default: RUNDIR)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="default: %(default)s")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the run's train.batch_size")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG parity plots and curves")
     p.set_defaults(func=_cmd_evaluate)

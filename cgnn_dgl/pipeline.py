@@ -268,10 +268,14 @@ def register(sub) -> None:
                                    "dicts, and labelled data: a folder with id_prop.csv, CSV/TSV, extxyz or an ASE "
                                    ".db (labels named by --targets). Bad inputs are skipped and "
                                    "listed in CACHE/rejects.csv; an interrupted build resumes when rerun.")
-    p.add_argument("inputs", nargs="+", metavar="INPUT")
-    p.add_argument("--out", required=True, metavar="CACHE")
-    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)), help="worker processes")
-    p.add_argument("--shard-size", type=int, default=8192, help="crystals per shard file")
+    from cgnn_dgl.errors import positive_int
+
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="structure files, folders, or labelled inputs")
+    p.add_argument("--out", required=True, metavar="CACHE", help="cache folder (a rerun resumes it)")
+    p.add_argument("--workers", type=positive_int, default=max(1, (os.cpu_count() or 1)),
+                   help="worker processes (default: one per CPU, %(default)s here)")
+    p.add_argument("--shard-size", type=positive_int, default=8192,
+                   help="crystals per shard file (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="discard an existing cache at --out")
     g = p.add_argument_group("labelled inputs (see README, 'Your own data: input formats')")
     g.add_argument("--targets", metavar="NAME[,NAME...]",

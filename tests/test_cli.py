@@ -36,3 +36,13 @@ def test_ctrl_c_says_how_to_resume(monkeypatch, capsys, command, expected):
     assert cli.main(argv) == 130
     err = capsys.readouterr().err
     assert expected in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("argv", [["examples", "--out", "x", "--limit", "-3"], ["examples", "--out", "x", "--limit", "0"],
+                                  ["graphs", "a", "--out", "c", "--workers", "0"],
+                                  ["graphs", "a", "--out", "c", "--shard-size", "two"]])
+def test_counts_below_one_are_one_line_usage_errors(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.build_parser().parse_args(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "expected a whole number >= 1" in err and err.count("\n") == 1
