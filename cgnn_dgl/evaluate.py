@@ -123,7 +123,8 @@ def add_mean_baseline(metrics: dict, targets, y_train, m_train, y_eval, m_eval) 
 # plots
 
 
-def parity_plot(path: Path, name: str, pred, true, metrics: dict, unit: str | None = None) -> None:
+def parity_plot(path: Path, name: str, pred, true, metrics: dict, unit: str | None = None,
+                synthetic: bool = False) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -137,10 +138,11 @@ def parity_plot(path: Path, name: str, pred, true, metrics: dict, unit: str | No
         ax.scatter(true, pred, s=4, alpha=0.5, lw=0)
     unit = metrics.get("unit", "") if unit is None else unit
     what = f" ({unit})" if unit else ""
-    ax.set_xlabel(f"true {name}{what}")
+    ax.set_xlabel(f"{'SYNTHETIC' if synthetic else 'true'} {name}{what}")
     ax.set_ylabel(f"predicted {name}{what}")
     if metrics.get("mae") is not None:
-        ax.set_title(f"{name}: MAE {metrics['mae']:.4g}, RMSE {metrics['rmse']:.4g} (n={metrics['n']})", fontsize=9)
+        ax.set_title(f"{name}: MAE {metrics['mae']:.4g}, RMSE {metrics['rmse']:.4g} (n={metrics['n']})"
+                     + ("\nSYNTHETIC labels: not physics" if synthetic else ""), fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -233,7 +235,12 @@ def evaluate_run(run_dir, cache: str | None = None, split: str = "test", out: st
     metrics = tasks.metrics(pred, true_all, mask_all, prob)
     true, mask = true_all[:, :T], mask_all[:, :T]
     cols = cols[:T]
-    metrics.update(split=split, n=int(len(idx)), run=str(run_dir))
+    from cgnn_dgl.checkpoint import cache_record
+
+    synthetic = cache_record(cache or train_cfg.cache)["synthetic"]
+    metrics.update(split=split, n=int(len(idx)), run=str(run_dir), synthetic_labels=synthetic)
+    if synthetic:
+        metrics["labels_note"] = "SYNTHETIC labels (cgnn db synth): these figures show the pipeline works, not physics"
     if std is not None:
         add_uncertainty(metrics, mcfg.targets, res, true, mask, ens.scale, tasks.units())
         metrics["members"] = len(ens)
@@ -264,7 +271,8 @@ def evaluate_run(run_dir, cache: str | None = None, split: str = "test", out: st
         for k, name in enumerate(mcfg.targets):
             m = mask[:, k]
             if m.any():
-                parity_plot(out_dir / f"parity_{name}.png", name, pred[m, k], true[m, k], metrics["regression"][name])
+                parity_plot(out_dir / f"parity_{name}.png", name, pred[m, k], true[m, k], metrics["regression"][name],
+                            synthetic=bool(synthetic))
         curves_plot(out_dir / "training_curves.png", run_dir / HISTORY, tasks.units())
         if std is not None:
             from cgnn_dgl.ensemble import calibration_curve, calibration_plot
@@ -300,7 +308,8 @@ def print_metrics(metrics: dict) -> None:
 
     rows = [(name, m["n"], num(m["mae"]), num(m["rmse"]), num(m.get("mean_predictor_mae")), m["unit"])
             for name, m in metrics["regression"].items()]
-    print_table(f"{metrics['split']} split ({metrics['n']} crystals)", rows,
+    labels = ", SYNTHETIC labels" if metrics.get("synthetic_labels") else ""
+    print_table(f"{metrics['split']} split ({metrics['n']} crystals{labels})", rows,
                 header=["target", "n", "MAE", "RMSE", "mean-predictor MAE", "unit"])
     if metrics["classification"]:
         rows = [(task, m["n"], m["positives"], num(m["accuracy"]), num(m["precision"]), num(m["recall"]),
