@@ -119,8 +119,9 @@ def test_evaluate_flags_synthetic_labels(tmp_path):
     cgnn("db", "init", "--db", db)
     cgnn("db", "synth", "--db", db, "--entries", "150", "--seed", "3")
     cgnn("ingest", "--db", db, "--out", str(tmp_path / "c"), "--no-progress")
-    cgnn("train", "--config", "configs/tiny.yaml", "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "r"),
-         "--set", "train.epochs=1")
+    t = cgnn("train", "--config", "configs/tiny.yaml", "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "r"),
+             "--set", "train.epochs=1")
+    assert "labels are SYNTHETIC" in t.stderr
     r = cgnn("evaluate", "--run", str(tmp_path / "r"), "--no-plots")
     metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert metrics["synthetic_labels"] is True and "SYNTHETIC" in metrics["labels_note"]
