@@ -21,6 +21,7 @@ and is followed by ``<target>_std``, the calibrated ensemble standard deviation 
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
 import sys
@@ -318,6 +319,9 @@ def _cmd_predict(args) -> int:
             print(f"  ... and {len(rejects) - 20} more", file=sys.stderr)
     print(f"predicted {len(packed)} structure(s) -> {out} (units, model and settings in {sidecar})"
           + (f"; {len(rejects)} rejected" if rejects else ""))
+    if json.loads(Path(sidecar).read_text()).get("synthetic"):
+        print("note: the model was trained on SYNTHETIC labels: predictions show the pipeline works, not physics",
+              file=sys.stderr)
     return 0 if len(packed) else 1
 
 

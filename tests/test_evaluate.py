@@ -126,3 +126,6 @@ def test_evaluate_flags_synthetic_labels(tmp_path):
     metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert metrics["synthetic_labels"] is True and "SYNTHETIC" in metrics["labels_note"]
     assert "SYNTHETIC labels" in r.stdout
+    cgnn("examples", "--out", str(tmp_path / "cif"), "--limit", "2")
+    p = cgnn("predict", "--model", str(tmp_path / "r" / "best.pt"), str(tmp_path / "cif"), "--out", str(tmp_path / "p.csv"))
+    assert "SYNTHETIC labels" in p.stderr and json.loads((tmp_path / "p.json").read_text())["synthetic"] is True
