@@ -67,7 +67,7 @@ EXPORT_LIMIT = 64 * 2**20
 
 def export(out: Path, cache: str | None, batch_size: int, max_crystals: int) -> dict:
     """Write ``batch_NNNN.npz`` + ``meta.json`` from a real cache (built from the dev corpus if none)."""
-    from cgnn_dgl.batching import PackedGraphs
+    from cgnn_dgl.cache import load_packed
     from cgnn_dgl.fileio import atomic_open, atomic_write_json
     from cgnn_dgl.step import assemble, index_batches
 
@@ -88,7 +88,7 @@ def export(out: Path, cache: str | None, batch_size: int, max_crystals: int) -> 
             manifest = json.loads((cache_dir / "manifest.json").read_text())
             source = {"kind": "graph cache", "path": str(cache_dir.resolve()), "cache_source": manifest.get("source"),
                       "labels": "as stored in the cache"}
-        packed = PackedGraphs.from_cache(cache_dir)
+        packed = load_packed(cache_dir)
     n = min(len(packed), max_crystals) if max_crystals > 0 else len(packed)
     order = np.random.default_rng(0).permutation(len(packed))[:n]
     out.mkdir(parents=True, exist_ok=True)

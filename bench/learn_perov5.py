@@ -146,7 +146,8 @@ def _comparable(cfg_dict: dict) -> dict:
 def train_member(packed, split, cfg, run_dir) -> dict:
     """Train (or resume, or reuse when finished) one model in ``run_dir``; its summary and epoch-time sum."""
     from cgnn_dgl import checkpoint as ckpt_mod
-    from cgnn_dgl.train import LAST, Trainer
+    from cgnn_dgl.rundir import LAST
+    from cgnn_dgl.train import Trainer
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -232,7 +233,7 @@ def score_row(packed, split, members: list[Path], cfg) -> dict:
     from cgnn_dgl.train import target_columns
 
     ens = Ensemble.load_members(members[0].parent.parent, [f"{m.parent.name}/{m.name}" for m in members])
-    cols = target_columns(ens.targets)
+    cols = target_columns(ens.targets, packed.targets)
     val, test, train = split["val"], split["test"], split["train"]
     pv, pt = ens.predict(packed, val), ens.predict(packed, test)
     scale = None

@@ -9,17 +9,25 @@ path (:mod:`cgnn_dgl.step`).
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from cgnn_dgl import TARGETS, default_units
-from cgnn_dgl.graph_ops import BOND, IN, RATIO
+from cgnn_dgl.schema import (
+    ATOM,
+    BOND,
+    ENTRY_ID,
+    Y_MASK,
+    Y,
+    atom_numbers,
+    bond_ratio,
+    crystal_data,
+    heterograph,
+)
 from cgnn_dgl.step import ranges as _ranges
 
 if TYPE_CHECKING:
@@ -35,7 +43,8 @@ def _joined_ratios(parts: Sequence[np.ndarray | None]) -> np.ndarray | None:
 
 @dataclass
 class PackedGraphs:
-    """Many crystal graphs as compact arrays; bonds use per-crystal local atom indices."""
+    """Many crystal graphs as compact arrays; bonds use per-crystal local atom indices.
+    (Read from a cache by :func:`cgnn_dgl.cache.load_packed`: this module does not import the cache.)"""
 
     numbers: np.ndarray  # (A,) uint8 atomic numbers
     node_ptr: np.ndarray  # (K+1,) int64 offsets into numbers
@@ -144,17 +153,18 @@ class PackedGraphs:
         """From single-crystal heterographs as made by :func:`cgnn_dgl.graph.crystal_graph`."""
         parts_src, parts_dst, nums, na, nb, ys, masks, ids, ratios = [], [], [], [], [], [], [], [], []
         for g in graphs:
-            ratios.append(g.edges[BOND].data[RATIO].numpy() if RATIO in g.edges[BOND].data else None)
+            ratio = bond_ratio(g)
+            ratios.append(None if ratio is None else ratio.numpy())
             s, d = g.edges(etype=BOND, order="eid")
             parts_src.append(s.numpy())
             parts_dst.append(d.numpy())
-            nums.append(g.nodes["atom"].data["Z"].numpy())
-            na.append(g.num_nodes("atom"))
+            nums.append(atom_numbers(g).numpy())
+            na.append(g.num_nodes(ATOM))
             nb.append(g.num_edges(BOND))
-            c = g.nodes["crystal"].data
-            ys.append(c["y"].numpy().reshape(-1))
-            masks.append(c["y_mask"].numpy().reshape(-1))
-            ids.append(int(c["entry_id"][0]) if "entry_id" in c else len(ids))
+            c = crystal_data(g)
+            ys.append(c[Y].numpy().reshape(-1))
+            masks.append(c[Y_MASK].numpy().reshape(-1))
+            ids.append(int(c[ENTRY_ID][0]) if ENTRY_ID in c else len(ids))
         names = list(names) if names is not None else [str(i) for i in ids]
         return cls.from_arrays(np.concatenate(nums) if nums else [], na, nb,
                                np.concatenate(parts_src) if parts_src else [],
@@ -162,33 +172,6 @@ class PackedGraphs:
                                np.stack(ys) if ys else np.zeros((0, len(targets))),
                                np.stack(masks) if masks else np.zeros((0, len(targets)), bool), ids, names, targets,
                                bond_ratio=_joined_ratios(ratios) if ratios else None)
-
-    @classmethod
-    def from_cache(cls, root, *, verify: bool = True, progress: bool = False) -> PackedGraphs:
-        from cgnn_dgl.cache import check_shard, open_manifest, read_shard_arrays
-        from cgnn_dgl.errors import CgnnError
-        from cgnn_dgl.report import progress as bar
-
-        root = Path(root)
-        manifest = open_manifest(root)
-        if not manifest.get("complete"):
-            raise CgnnError(f"{root}: the cache build did not finish; run the same build command again to resume")
-        targets = tuple(manifest.get("targets", TARGETS))  # caches before the task layer hold the OQMD four
-        units = {**default_units(targets), **manifest.get("units", {})}
-        parts = []
-        for shard in bar(manifest["shards"], desc="loading cache", unit="shard", disable=not progress or None):
-            if verify:
-                reason = check_shard(root, shard)
-                if reason:
-                    raise CgnnError(f"{root}: shard {shard['file']} (keys {shard['key_first']}..{shard['key_last']}) "
-                                    f"is unusable: {reason}; rerun the build command to rebuild it")
-            a = read_shard_arrays(root / shard["file"])
-            with open(root / shard["meta"]) as fh:
-                names = json.load(fh)["names"]
-            parts.append(cls.from_arrays(a["numbers"], a["n_atoms"], a["n_bonds"], a["bond_src"], a["bond_dst"],
-                                         a["y"], a["y_mask"], a["entry_id"], names, targets, units,
-                                         a.get("bond_ratio")))
-        return cls.concatenate(parts, targets, units)
 
     # -- selection ---------------------------------------------------------------------------------
     def subset(self, idx) -> PackedGraphs:
@@ -204,8 +187,6 @@ class PackedGraphs:
     def batch(self, idx) -> dgl.DGLHeteroGraph:
         """One batched heterograph for crystals ``idx`` (schema of ``graph.py``), built from arrays.
         (The DGL-free twin for the GPU path is :func:`cgnn_dgl.step.assemble`.)"""
-        import dgl
-
         idx = np.asarray(idx, dtype=np.int64)
         na, nb = self.n_atoms[idx], self.n_bonds[idx]
         atoms = _ranges(self.node_ptr[idx], na)
@@ -215,23 +196,12 @@ class PackedGraphs:
         shift = np.repeat(new_off, nb)
         src = self.bond_src[bonds] + shift
         dst = self.bond_dst[bonds] + shift
-        n_total = int(na.sum())
-        g = dgl.heterograph(
-            {
-                BOND: (torch.from_numpy(src), torch.from_numpy(dst)),
-                IN: (torch.arange(n_total), torch.from_numpy(np.repeat(np.arange(len(idx)), na))),
-            },
-            num_nodes_dict={"atom": n_total, "crystal": len(idx)},
-        )
-        g.set_batch_num_nodes({"atom": torch.from_numpy(na), "crystal": torch.ones(len(idx), dtype=torch.int64)})
-        g.set_batch_num_edges({BOND: torch.from_numpy(nb), IN: torch.from_numpy(na)})
-        g.nodes["atom"].data["Z"] = torch.from_numpy(self.numbers[atoms].astype(np.int64))
-        g.nodes["crystal"].data["y"] = torch.from_numpy(self.y[idx])
-        g.nodes["crystal"].data["y_mask"] = torch.from_numpy(self.y_mask[idx])
-        g.nodes["crystal"].data["entry_id"] = torch.from_numpy(self.entry_id[idx])
-        if self.bond_ratio is not None:
-            g.edges[BOND].data[RATIO] = torch.from_numpy(self.bond_ratio[bonds])
-        return g
+        return heterograph(src, dst, np.repeat(np.arange(len(idx)), na), len(idx),
+                           numbers=torch.from_numpy(self.numbers[atoms].astype(np.int64)),
+                           y=torch.from_numpy(self.y[idx]), y_mask=torch.from_numpy(self.y_mask[idx]),
+                           entry_id=torch.from_numpy(self.entry_id[idx]),
+                           ratio=None if self.bond_ratio is None else torch.from_numpy(self.bond_ratio[bonds]),
+                           batch_atoms=na, batch_bonds=nb)
 
     # -- composition helpers (splits, statistics) --------------------------------------------------
     def compositions(self) -> list[dict[int, int]]:

@@ -38,9 +38,10 @@ import torch
 
 import cgnn_dgl
 from cgnn_dgl import TARGETS, default_units
+from cgnn_dgl.batching import PackedGraphs
 from cgnn_dgl.errors import CgnnError
 from cgnn_dgl.fileio import atomic_open, atomic_write_json, sha256_file, umask_mode
-from cgnn_dgl.graph import BOND, IN, RATIO
+from cgnn_dgl.schema import ATOM, BOND, CRYSTAL, Y_MASK, Y, Z, bond_ratio, crystal_of_atoms, heterograph
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,6 @@ def pack_graph(built: Sequence[Built], n_targets: int = len(TARGETS)) -> tuple[d
     n_atoms = np.fromiter((len(b.numbers) for b in built), dtype=np.int64, count=k)
     n_bonds = np.fromiter((len(b.nbr) for b in built), dtype=np.int64, count=k)
     atom_off = np.concatenate([[0], np.cumsum(n_atoms)[:-1]]) if k else np.zeros(0, np.int64)
-    total_atoms = int(n_atoms.sum())
     if k:
         z = np.concatenate([b.numbers for b in built]).astype(np.int64)
         nbr = np.concatenate([b.nbr for b in built]).astype(np.int64)
@@ -102,20 +102,12 @@ def pack_graph(built: Sequence[Built], n_targets: int = len(TARGETS)) -> tuple[d
         z = src = dst = np.zeros(0, np.int64)
         y, mask = np.zeros((0, n_targets)), np.zeros((0, n_targets), np.uint8)
     keys = np.fromiter((b.key for b in built), dtype=np.int64, count=k)
-    g = dgl.heterograph(
-        {
-            BOND: (torch.from_numpy(src).int(), torch.from_numpy(dst).int()),
-            IN: (torch.arange(total_atoms, dtype=torch.int32), torch.from_numpy(np.repeat(np.arange(k), n_atoms)).int()),
-        },
-        num_nodes_dict={"atom": total_atoms, "crystal": k},
-        idtype=torch.int32,
-    )
-    g.nodes["atom"].data["Z"] = torch.from_numpy(z.astype(np.int16))
-    g.nodes["crystal"].data["y"] = torch.from_numpy(y)
-    g.nodes["crystal"].data["y_mask"] = torch.from_numpy(mask)
-    g.nodes["crystal"].data["entry_id"] = torch.from_numpy(keys)
+    ratio = None
     if k and all(b.ratio is not None for b in built):
-        g.edges[BOND].data[RATIO] = torch.from_numpy(np.concatenate([b.ratio for b in built]).astype(np.float32))
+        ratio = torch.from_numpy(np.concatenate([b.ratio for b in built]).astype(np.float32))
+    g = heterograph(src, dst, crystal_of_atoms(n_atoms), k, numbers=torch.from_numpy(z.astype(np.int16)),
+                    y=torch.from_numpy(y), y_mask=torch.from_numpy(mask), entry_id=torch.from_numpy(keys),
+                    ratio=ratio, idtype=torch.int32)
     labels = {"n_atoms": torch.from_numpy(n_atoms), "n_bonds": torch.from_numpy(n_bonds), "key": torch.from_numpy(keys)}
     return g, labels
 
@@ -145,15 +137,15 @@ def read_shard_arrays(path: Path) -> dict[str, np.ndarray]:
     atom_off = (np.cumsum(n_atoms) - n_atoms).astype(np.int64)
     shift = np.repeat(atom_off, n_bonds)
     return {
-        "numbers": g.nodes["atom"].data["Z"].numpy().astype(np.uint8),
+        "numbers": g.nodes[ATOM].data[Z].numpy().astype(np.uint8),
         "n_atoms": n_atoms,
         "n_bonds": n_bonds,
         "bond_src": (src - shift).astype(np.int32),
         "bond_dst": (dst - shift).astype(np.int32),
-        "y": g.nodes["crystal"].data["y"].numpy(),
-        "y_mask": g.nodes["crystal"].data["y_mask"].numpy().astype(bool),
+        "y": g.nodes[CRYSTAL].data[Y].numpy(),
+        "y_mask": g.nodes[CRYSTAL].data[Y_MASK].numpy().astype(bool),
         "entry_id": labels["key"].numpy(),
-        "bond_ratio": g.edges[BOND].data[RATIO].numpy() if RATIO in g.edges[BOND].data else None,
+        "bond_ratio": None if (ratio := bond_ratio(g)) is None else ratio.numpy(),
     }
 
 
@@ -478,11 +470,31 @@ def require_bond_ratios(packed, root) -> None:
                         f"built by an older cgnn-dgl); rebuild it: {rebuild_command(root)}")
 
 
-def load_packed(root, *, verify: bool = True, progress: bool = False):
-    """All graphs of a cache as compact in-memory arrays (see :class:`cgnn_dgl.batching.PackedGraphs`)."""
-    from cgnn_dgl.batching import PackedGraphs
+def load_packed(root, *, verify: bool = True, progress: bool = False) -> PackedGraphs:
+    """All graphs of a cache as compact in-memory arrays (see :class:`cgnn_dgl.batching.PackedGraphs`),
+    each shard checked against its recorded digest first unless ``verify`` is False."""
+    from cgnn_dgl.report import progress as bar
 
-    return PackedGraphs.from_cache(root, verify=verify, progress=progress)
+    root = Path(root)
+    manifest = open_manifest(root)
+    if not manifest.get("complete"):
+        raise CgnnError(f"{root}: the cache build did not finish; run the same build command again to resume")
+    targets = tuple(manifest.get("targets", TARGETS))  # caches before the task layer hold the OQMD four
+    units = {**default_units(targets), **manifest.get("units", {})}
+    parts = []
+    for shard in bar(manifest["shards"], desc="loading cache", unit="shard", disable=not progress or None):
+        if verify:
+            reason = check_shard(root, shard)
+            if reason:
+                raise CgnnError(f"{root}: shard {shard['file']} (keys {shard['key_first']}..{shard['key_last']}) "
+                                f"is unusable: {reason}; rerun the build command to rebuild it")
+        a = read_shard_arrays(root / shard["file"])
+        with open(root / shard["meta"]) as fh:
+            names = json.load(fh)["names"]
+        parts.append(PackedGraphs.from_arrays(a["numbers"], a["n_atoms"], a["n_bonds"], a["bond_src"], a["bond_dst"],
+                                              a["y"], a["y_mask"], a["entry_id"], names, targets, units,
+                                              a.get("bond_ratio")))
+    return PackedGraphs.concatenate(parts, targets, units)
 
 
 def merge_caches(inputs: Sequence, out) -> dict:

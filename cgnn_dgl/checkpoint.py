@@ -8,7 +8,13 @@ weights_only=True)`` reads it, and no class path is pickled)::
     model: state_dict (includes the target_mean / target_std buffers),
     target_mean, target_std: lists (also in the state dict; kept readable),
     optimizer, scheduler: state dicts;  rng: {torch, numpy (Generator state), python};
-    epoch: epochs completed;  best_score, best_epoch, epochs_since_best;  history: list of row dicts.
+    epoch: epochs completed;  best_score, best_epoch, epochs_since_best;  history: list of row dicts;
+    tasks: TaskSet.record() (targets, units, kinds, classes, standardisation with the train-split mean/std);
+    coordinator: the coordinator parameters of the cache it was trained on (`cgnn predict` builds with them);
+    synthetic: whether that cache's labels were synthetic (None: unknown);  cache: its path and source kind.
+
+A checkpoint without ``tasks`` (written before the task layer) holds the targets of its ``model_config``
+(the OQMD four by default) and is read as such.
 
 An official reference checkpoint is a bare state_dict of the reference ``GGNN``; :func:`load_model` turns
 it into a model of the given preset (``arch``).
@@ -90,6 +96,41 @@ def make_checkpoint(model, model_config, **extra) -> dict:
     return ckpt
 
 
+def cache_record(cache_dir) -> dict:
+    """What a checkpoint records of the cache it was trained on: ``coordinator`` (the parameters its graphs
+    were built with), ``synthetic`` (True when ingest flagged any entry synthetic, False for an ingest cache
+    without such entries or a `cgnn graphs` cache of the user's own labels, None when unknown) and ``cache``."""
+    import csv
+
+    from cgnn_dgl.cache import read_manifest
+
+    root = Path(str(cache_dir))
+    manifest = read_manifest(root) or {}
+    kind = (manifest.get("source") or {}).get("kind")
+    synthetic = None
+    flags = root / "ingest_flags.csv"
+    if flags.is_file():
+        with open(flags, newline="") as fh:
+            synthetic = any(row.get("synthetic") == "True" for row in csv.DictReader(fh))
+    elif kind == "files":
+        synthetic = False
+    return {"coordinator": manifest.get("coordinator"), "synthetic": synthetic,
+            "cache": {"path": str(root), "source": kind, "targets": list(manifest.get("targets", TARGETS))}}
+
+
+def record_of(ckpt: dict) -> dict:
+    """The task / cache record of a checkpoint (``tasks``, ``coordinator``, ``synthetic``, ``cache``); for a
+    checkpoint older than the record, the tasks of its model config with the OQMD units."""
+    rec = {k: ckpt.get(k) for k in ("tasks", "coordinator", "synthetic", "cache")}
+    if rec["tasks"] is None and is_cgnn_checkpoint(ckpt):
+        from cgnn_dgl.config import ModelConfig
+        from cgnn_dgl.tasks import TaskSet
+
+        rec["tasks"] = TaskSet.from_configs(ModelConfig.from_dict(ckpt["model_config"])).record(
+            ckpt.get("target_mean"), ckpt.get("target_std") if ckpt.get("target_mean") is not None else None)
+    return rec
+
+
 def model_from_checkpoint(ckpt: dict, arch: str | None = None, path: str = "checkpoint"):
     """Build the model a checkpoint describes and load its weights (strictly).
 
@@ -117,7 +158,7 @@ def model_from_checkpoint(ckpt: dict, arch: str | None = None, path: str = "chec
     from cgnn_dgl.model import load_reference_state_dict
 
     try:
-        config = ModelConfig.preset(arch, targets=[TARGETS[0]])
+        config = ModelConfig.preset(arch, targets=["formation_energy"])  # what the official weights predict
     except (KeyError, ValueError) as exc:
         raise UsageError(f"--arch {arch}: {exc}") from None
     model = CGNN(config)

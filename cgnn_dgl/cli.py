@@ -6,6 +6,7 @@ fix become one line on stderr (exit 2 for usage/config problems, 1 otherwise), n
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import sys
@@ -45,7 +46,19 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # stage not built yet
             raise
         module.register(sub)
+    _verbose_everywhere(parser)
     return parser
+
+
+def _verbose_everywhere(parser: argparse.ArgumentParser) -> None:
+    """``-v`` after the subcommand too (``cgnn train -v ...``); SUPPRESS keeps a ``-v`` given before it."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                with contextlib.suppress(argparse.ArgumentError):  # unless the command has its own -v
+                    child.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                                       help="debug logging")
+                _verbose_everywhere(child)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cgnn {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"cgnn {args.command}: interrupted; finished work is kept, run the same command again to resume",
-              file=sys.stderr)
+        again = "the same command with --resume" if args.command == "train" else "the same command again"
+        print(f"cgnn {args.command}: interrupted; finished work is kept, run {again} to resume", file=sys.stderr)
         return 130
 
 

@@ -186,9 +186,9 @@ class ModelConfig:
     ``n_node_feat`` which is fixed at the 89 OQMD species), plus the output heads.
 
     Use :meth:`preset` for the reference models (``benchmark``, ``no_edgenet``, ``complete``).
-    ``targets`` names the regression outputs (columns of the model output, a subset of
-    :data:`cgnn_dgl.TARGETS` in any order); ``classification_heads`` adds two logits
-    (insulator, magnetic).
+    ``targets`` names the regression outputs (columns of the model output: any columns of the cache, the
+    OQMD four by default); ``classification_heads`` adds the OQMD preset's two logits (insulator,
+    magnetic) and ``binary_targets`` one logit per cache column of 0/1 labels (:mod:`cgnn_dgl.tasks`).
     """
 
     n_node_feat: int = 89
@@ -224,6 +224,7 @@ class ModelConfig:
     use_extension: bool = False
     targets: tuple[str, ...] = TARGETS
     classification_heads: bool = False
+    binary_targets: tuple[str, ...] = ()
     # Stop-gradient for the classification heads (issue 11): they read a detached copy of the trunk's
     # graph features, so their BCE loss trains the two logits only and never pulls on the regression
     # trunk. Off by default (no parameter, no change to any preset); needs classification_heads.
@@ -239,6 +240,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if isinstance(self.targets, list):
             self.targets = tuple(self.targets)
+        if isinstance(self.binary_targets, list):
+            self.binary_targets = tuple(self.binary_targets)
         # "None" spelled as a string (YAML / --set) means no activation.
         for key in ("node_activation", "edge_activation"):
             v = getattr(self, key)
@@ -256,8 +259,8 @@ class ModelConfig:
         for key in ("n_edge_net_layers", "n_postconv_net_layers", "conv_type"):
             if getattr(self, key) < 0:
                 raise UsageError(f"config key {key!r}: must be >= 0, got {getattr(self, key)}")
-        if self.classification_detach and not self.classification_heads:
-            raise UsageError("config key 'classification_detach': needs classification_heads: true")
+        if self.classification_detach and not (self.classification_heads or self.binary_targets):
+            raise UsageError("config key 'classification_detach': needs classification_heads: true or binary_targets")
         if self.geometry and self.geometry_basis < 2:
             raise UsageError(f"config key 'geometry_basis': must be >= 2, got {self.geometry_basis}")
         if self.n_edge_net_layers > 0 and self.n_edge_net_feat < 1:
@@ -271,11 +274,14 @@ class ModelConfig:
         check_activation(self.postconv_net_activation, "postconv_net_activation", allow_none=False)
         if not self.targets:
             raise UsageError("config key 'targets': at least one target is needed")
-        bad = [t for t in self.targets if t not in TARGETS]
-        if bad:
-            raise UsageError(f"config key 'targets': unknown target {bad[0]!r}; expected some of {TARGETS}")
-        if len(set(self.targets)) != len(self.targets):
-            raise UsageError("config key 'targets': duplicate target")
+        for key in ("targets", "binary_targets"):
+            bad = [t for t in getattr(self, key) if not isinstance(t, str) or not t.strip()]
+            if bad:
+                raise UsageError(f"config key {key!r}: target names must be non-empty strings, got {bad[0]!r}")
+        names = list(self.targets) + list(self.binary_targets)
+        if len(set(names)) != len(names):
+            dup = sorted({t for t in names if names.count(t) > 1})
+            raise UsageError(f"config key 'targets': duplicate target {', '.join(dup)}")
 
     @property
     def n_targets(self) -> int:
@@ -378,6 +384,9 @@ class TrainConfig:
     loss: str = "mse"  # mse (the reference) | l1 | huber, on standardised targets
     target_loss: dict[str, str] = field(default_factory=dict)  # per-target override, e.g. {band_gap: l1}
     classification_weight: float = 1.0  # weight of the BCE loss of optional classification heads
+    # model.binary_targets derived from a regression target by a rule, e.g. {stable: "e_hull < 0.05"}; the
+    # others read their own column of 0/1 labels (cgnn_dgl/tasks.py)
+    binary_from: dict[str, str] = field(default_factory=dict)
     gap_threshold: float = 0.0
     mag_threshold: float = 0.05
     gap_decision_threshold: float = 0.1
@@ -388,13 +397,19 @@ class TrainConfig:
     workers: int = 1  # ensemble members trained at the same time, in separate processes
     # data and outputs
     cache: str | None = None
-    split_file: str | None = None
+    split: str = "formula"  # formula (the reference's, grouped by formula) | random (seeded) | file (split_file)
+    split_file: str | None = None  # ids per part (JSON train/val/test lists or CSV id,split); implies split: file
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     split_seed: int = 12345
     out_dir: str = "runs/cgnn"
     progress: bool = True
     record_seen: bool = False  # debug: write the entry ids each process trained on in epoch 1
+    # fine-tuning (cgnn_dgl/finetune.py): start from the trunk of this model (RUN/best.pt, or a reference
+    # state_dict whose preset init_arch names); heads of targets it lacks are fresh
+    init: str | None = None
+    init_arch: str | None = None  # benchmark | no_edgenet | complete, for a reference state_dict
+    freeze_trunk_epochs: int = 0  # train only the heads for the first N epochs (needs init)
 
     def validate(self, model_targets: tuple[str, ...] | list[str] = TARGETS, check_files: bool = True) -> None:
         def bad(msg: str):
@@ -432,18 +447,43 @@ class TrainConfig:
         for t in self.targets or []:
             if t not in model_targets:
                 bad(f"targets: {t!r} is not a head of the model {tuple(model_targets)}")
+        # settings for the OQMD targets a model lacks are ignored (one config serves several target sets);
+        # any other name must be a target of the model, so typos do not pass
+        known = tuple(model_targets) + tuple(t for t in TARGETS if t not in model_targets)
         for t, name in {"*": self.loss, **self.target_loss}.items():
             if name not in LOSSES:
                 bad(f"loss{'' if t == '*' else f' of {t}'}: {name!r} is not one of {LOSSES}")
-            if t != "*" and t not in TARGETS:
-                bad(f"target_loss: unknown target {t!r}; expected some of {TARGETS}")
+            if t != "*" and t not in known:
+                bad(f"target_loss: unknown target {t!r}; expected some of {known}")
         for t, w in self.task_weights.items():
-            if t not in TARGETS:  # weights of targets the model lacks are ignored; typos are not
-                bad(f"task_weights: unknown target {t!r}; expected some of {TARGETS}")
+            if t not in known:
+                bad(f"task_weights: unknown target {t!r}; expected some of {known}")
             if w < 0:
                 bad(f"task_weights: weight of {t} must be >= 0")
+        from cgnn_dgl.tasks import parse_rule
+
+        for name, rule in self.binary_from.items():
+            source, _, _ = parse_rule(rule, f"train.binary_from.{name}")
+            if source not in model_targets:
+                bad(f"binary_from.{name}: {source!r} is not a target of the model {tuple(model_targets)}")
+        if self.split not in ("formula", "random", "file"):
+            bad(f"split: {self.split!r} is not one of formula, random, file")
+        if self.split == "file" and not self.split_file:
+            bad("split: file needs train.split_file (a JSON or CSV of ids per part)")
+        if self.split == "random" and self.split_file:
+            bad("split: random and a split_file exclude each other; drop one")
         if check_files and self.split_file is not None and not Path(self.split_file).is_file():
             bad(f"split_file: {self.split_file} not found")
+        if self.freeze_trunk_epochs < 0:
+            bad(f"freeze_trunk_epochs must be >= 0 (got {self.freeze_trunk_epochs})")
+        if self.freeze_trunk_epochs and not self.init:
+            bad("freeze_trunk_epochs needs train.init (--init CKPT): a fresh trunk has nothing worth keeping")
+        if self.init_arch is not None and self.init_arch not in MODEL_PRESETS:
+            bad(f"init_arch: {self.init_arch!r} is not one of {MODEL_PRESETS}")
+        if self.init_arch is not None and not self.init:
+            bad("init_arch names the model of a train.init reference state_dict; give train.init (--init CKPT)")
+        if check_files and self.init is not None and not Path(self.init).is_file():
+            bad(f"init: {self.init} not found")
 
     def used_targets(self, model_targets) -> list[str]:
         return list(self.targets) if self.targets else list(model_targets)
@@ -591,3 +631,4 @@ class ScreenConfig:
     device: str = "cpu"
     selection: str = "reference"  # ingest's rule for which calculation represents a known material
     symprec: float = 1e-3
+    overlap_tolerance: float = 0.5  # Å: a prototype with atoms closer than this is refused (coordinator.OVERLAP_TOLERANCE)

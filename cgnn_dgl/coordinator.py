@@ -34,9 +34,12 @@ from cgnn_dgl.structures import Crystal, StructureError, as_crystal
 
 __all__ = [
     "DEFAULT_PARAMS",
+    "OVERLAP_TOLERANCE",
     "CoordinatorParams",
     "MissingRadiusError",
     "candidates",
+    "check_overlap",
+    "closest_distances",
     "coordinate",
     "coordinate_csr",
     "coordinate_many",
@@ -63,6 +66,10 @@ _CHUNK_PAIR_IMAGES = 1 << 18
 
 PRUNINGS = ("exact", "kmeans")
 
+OVERLAP_TOLERANCE = 0.5
+"""Å: atoms closer than this (periodic minimum image, an atom's own images included) are on top of each
+other and the structure is rejected (``overlapping_atoms``); pymatgen's own proximity tolerance."""
+
 
 @dataclass(frozen=True)
 class CoordinatorParams:
@@ -72,10 +79,13 @@ class CoordinatorParams:
     cc_cutoff: float = 0.03
     max_rounds: int = 10
     pruning: str = "exact"  # "exact" 1-D 2-means (default) | "kmeans": the reference's KMeans choices
+    overlap_tolerance: float = OVERLAP_TOLERANCE  # Å; atoms closer are rejected (0 turns the check off)
 
     def __post_init__(self) -> None:
         if self.pruning not in PRUNINGS:
             raise ValueError(f"pruning must be one of {PRUNINGS}, not {self.pruning!r}")
+        if not self.overlap_tolerance >= 0:
+            raise ValueError(f"overlap_tolerance must be >= 0 Å, not {self.overlap_tolerance!r}")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -178,6 +188,119 @@ def _check_batch(crystals: Sequence[Crystal], numbers: np.ndarray, frac: np.ndar
             if errors[s] is None:
                 errors[s] = MissingRadiusError(_symbol(z), crystals[s].name)
     return errors
+
+
+# ------------------------------------------------------------------------------ overlapping atoms
+
+_OVERLAP_PAIR_BUDGET = 1 << 15  # atom pairs per chunk of the closest-pair search (x 27 images)
+
+
+def _reduce_cells(lattices: np.ndarray) -> np.ndarray:
+    """Integer unimodular ``M`` (S, 3, 3) with every ``M[s] @ lattices[s]`` pairwise reduced:
+    ``|b_i . b_j| <= |b_j|^2 / 2`` for all i != j (each step shortens a vector, so it ends), vectorised over
+    cells; on such a cell the 27 images around the wrapped difference hold the minimum image."""
+    B = lattices.astype(np.float64).copy()
+    S = B.shape[0]
+    M = np.broadcast_to(np.eye(3), (S, 3, 3)).copy()
+    for _ in range(200):
+        changed = False
+        for i in range(3):
+            for j in range(3):
+                if i == j:
+                    continue
+                bj2 = np.einsum("sd,sd->s", B[:, j], B[:, j])
+                q = np.rint(np.einsum("sd,sd->s", B[:, i], B[:, j]) / bj2)
+                q[~np.isfinite(q)] = 0
+                if q.any():
+                    changed = True
+                    B[:, i] -= q[:, None] * B[:, j]
+                    M[:, i] -= q[:, None] * M[:, j]
+        if not changed:
+            break
+    return M
+
+
+def _reduced(frac: np.ndarray, lattices: np.ndarray, n_atoms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The same crystals (same Cartesian positions) on pairwise-reduced cells."""
+    M = _reduce_cells(lattices)
+    moved = np.flatnonzero(np.any(np.eye(3) != M, axis=(1, 2)))
+    if moved.size == 0:
+        return frac, lattices
+    lattices = np.einsum("sij,sjd->sid", M, lattices)
+    inv = np.linalg.inv(M[moved])  # unimodular: exact up to rounding
+    struct_of_atom = np.repeat(np.arange(len(n_atoms)), n_atoms)
+    pos = np.full(len(n_atoms), -1)
+    pos[moved] = np.arange(moved.size)
+    atoms = np.flatnonzero(pos[struct_of_atom] >= 0)
+    frac = frac.copy()
+    frac[atoms] = np.einsum("ac,acd->ad", frac[atoms], inv[pos[struct_of_atom[atoms]]])
+    return frac, lattices
+
+
+def closest_distances(frac: np.ndarray, lattices: np.ndarray, n_atoms: np.ndarray) -> np.ndarray:
+    """Per structure, the shortest distance (Å) between two atoms, or an atom and its own periodic image,
+    under the periodic minimum-image convention (coordinates are wrapped into the cell first, so this does
+    not depend on how they were written). ``frac`` (N, 3) concatenates the structures' atoms."""
+    S = n_atoms.shape[0]
+    out = np.full(S, np.inf)
+    if S == 0:
+        return out
+    frac, lattices = _reduced(np.asarray(frac, np.float64), np.asarray(lattices, np.float64), n_atoms)
+    nonzero = np.any(IMAGES != 0, axis=1)
+    self_img = np.linalg.norm(np.einsum("kc,scd->skd", IMAGES[nonzero], lattices), axis=2).min(axis=1)
+    out = np.where(n_atoms > 0, self_img, np.inf)
+    f = frac - np.floor(frac)
+    struct_of_atom = np.repeat(np.arange(S), n_atoms)
+    first = np.zeros(S + 1, dtype=np.int64)
+    np.cumsum(n_atoms, out=first[1:])
+    # pairs (j, i > j) of atoms of one structure: atom j pairs with the n - 1 - (j - first) atoms after it
+    after = first[1:][struct_of_atom] - np.arange(f.shape[0]) - 1
+    ends = np.cumsum(after)
+    # |(df + t) A|^2 = df G df + 2 t . (G df) + t G t for the 27 images t: no per-image gather of vectors
+    G = np.einsum("sid,sjd->sij", lattices, lattices)
+    tgt = np.einsum("ki,sij,kj->sk", IMAGES, G, IMAGES)  # (S, 27)
+    a, N = 0, f.shape[0]
+    while a < N:
+        b = max(int(np.searchsorted(ends, (ends[a - 1] if a else 0) + _OVERLAP_PAIR_BUDGET, side="right")), a + 1)
+        cnt = after[a:b]
+        if cnt.sum():
+            gj = np.repeat(np.arange(a, b), cnt)
+            start = np.repeat(np.cumsum(cnt) - cnt, cnt)
+            gi = gj + 1 + (np.arange(gj.shape[0]) - start)
+            df = f[gi] - f[gj]
+            df -= np.rint(df)
+            st = struct_of_atom[gj]
+            w = np.einsum("pij,pj->pi", G[st], df)
+            d2 = (w @ (2.0 * IMAGES.T)) + tgt[st]
+            d2 = d2.min(axis=1) + np.einsum("pi,pi->p", df, w)
+            # pairs come grouped by structure: one reduction per structure of the chunk
+            cut = np.flatnonzero(np.diff(st)) + 1
+            seg = np.concatenate([[0], cut])
+            np.minimum.at(out, st[seg], np.sqrt(np.maximum(np.minimum.reduceat(d2, seg), 0.0)))
+        a = b
+    return out
+
+
+def _overlap_message(crystal: Crystal, tol: float) -> str:
+    """Which atoms of ``crystal`` are closer than ``tol`` (for the reject message; rare, so per pair)."""
+    n = crystal.n_atoms
+    frac, lat = _reduced(crystal.frac, crystal.lattice[None], np.array([n]))
+    lat = lat[0]
+    self_img = float(np.linalg.norm(IMAGES[np.any(IMAGES != 0, axis=1)] @ lat, axis=1).min())
+    best = (self_img, 0, 0)
+    f = frac - np.floor(frac)
+    img = IMAGES @ lat
+    for j in range(n - 1):
+        df = f[j + 1:] - f[j]
+        df -= np.rint(df)
+        d = np.sqrt((((df @ lat)[:, None, :] + img[None]) ** 2).sum(axis=2).min(axis=1))
+        k = int(np.argmin(d))
+        if d[k] < best[0]:
+            best = (float(d[k]), j, j + 1 + k)
+    d, j, i = best
+    what = (f"atom {j} is {d:.3g} Å from its own periodic image" if i == j else
+            f"atoms {j} and {i} are {d:.3g} Å apart")
+    return f"{crystal.name}: {what}, closer than the overlap tolerance {tol:g} Å (overlap_tolerance)"
 
 
 # ------------------------------------------------------------------------------------- pruning
@@ -380,10 +503,12 @@ def _factor_vol(radii: np.ndarray, lattices: np.ndarray, n_atoms: np.ndarray) ->
         return (_volumes(lattices) / v_atoms) ** (1.0 / 3.0)
 
 
-def _prepare(crystals: Sequence[Crystal], radius_factor: float, errors: str):
+def _prepare(crystals: Sequence[Crystal], radius_factor: float, errors: str, overlap_tolerance: float = 0.0):
     """Concatenate and check; returns (per-structure errors, index of valid structures, _Batch or None)."""
     numbers, frac, lattices, n_atoms = _concat(crystals)
     errs = _check_batch(crystals, numbers, frac, lattices, n_atoms)
+    if overlap_tolerance > 0:
+        _check_overlaps(crystals, errs, frac, lattices, n_atoms, overlap_tolerance)
     if errors == "raise":
         for e in errs:
             if e is not None:
@@ -396,6 +521,27 @@ def _prepare(crystals: Sequence[Crystal], radius_factor: float, errors: str):
         atom_keep = np.repeat(good, n_atoms)
         numbers, frac, lattices, n_atoms = numbers[atom_keep], frac[atom_keep], lattices[gidx], n_atoms[gidx]
     return errs, gidx, _Batch(numbers, frac, lattices, n_atoms, radius_factor)
+
+
+def check_overlap(crystal: Crystal, tol: float = OVERLAP_TOLERANCE) -> None:
+    """Raise :class:`StructureError` ``overlapping_atoms`` when two atoms of ``crystal`` (or an atom and its
+    own periodic image) are closer than ``tol`` Å, minimum image; ``tol`` 0 checks nothing."""
+    errs: list[StructureError | None] = [None]
+    if tol > 0 and crystal.n_atoms:
+        _check_overlaps([crystal], errs, crystal.frac, crystal.lattice[None], np.array([crystal.n_atoms]), tol)
+    if errs[0] is not None:
+        raise errs[0]
+
+
+def _check_overlaps(crystals, errs, frac, lattices, n_atoms, tol: float) -> None:
+    """Flag, in ``errs``, the so far valid structures with two atoms closer than ``tol`` Å."""
+    ok = np.fromiter((e is None for e in errs), dtype=bool, count=len(errs))
+    if not ok.any():
+        return
+    keep = np.repeat(ok, n_atoms)
+    closest = closest_distances(frac[keep], lattices[ok], n_atoms[ok])
+    for s in np.flatnonzero(ok)[closest < tol]:
+        errs[s] = StructureError("overlapping_atoms", _overlap_message(crystals[s], tol))
 
 
 def coordinate_packed(crystals: Iterable, params: CoordinatorParams = DEFAULT_PARAMS, *,
@@ -415,7 +561,7 @@ def coordinate_packed(crystals: Iterable, params: CoordinatorParams = DEFAULT_PA
     if errors not in ("raise", "return"):
         raise ValueError(f"errors must be 'raise' or 'return', not {errors!r}")
     crystals = [as_crystal(c) for c in crystals]
-    errs, _gidx, batch = _prepare(crystals, float(params.radius_factor), errors)
+    errs, _gidx, batch = _prepare(crystals, float(params.radius_factor), errors, float(params.overlap_tolerance))
     if batch is None:
         empty = (errs, np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
         return empty + (np.zeros(0),) if ratios else empty

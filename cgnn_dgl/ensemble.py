@@ -39,6 +39,7 @@ import torch
 
 from cgnn_dgl.errors import CgnnError, UsageError
 from cgnn_dgl.fileio import atomic_write_json
+from cgnn_dgl.rundir import BEST, CONFIG
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +143,14 @@ def calibration_plot(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray]
 # prediction
 
 
+def first_checkpoint(path) -> Path:
+    """The checkpoint file behind ``--model PATH`` (member 0 of an ensemble run, a run's best.pt, or the file)."""
+    path = Path(path)
+    if is_ensemble_dir(path):
+        return path / read_ensemble_json(path)["members"][0]
+    return path / "best.pt" if path.is_dir() else path
+
+
 @dataclass
 class Prediction:
     """Physical-unit predictions of a model or ensemble for ``n`` crystals, columns ``targets``.
@@ -170,6 +179,8 @@ class Ensemble:
         self.targets = tuple(config.targets)
         self.scale = np.ones(len(self.targets)) if scale is None else np.asarray(scale, float).reshape(-1)
         self.source = source
+        rec = getattr(self.models[0], "record", None) or {}
+        self.units = dict((rec.get("tasks") or {}).get("units") or {})  # as the checkpoint records them
 
     def __len__(self) -> int:
         return len(self.models)
@@ -191,13 +202,13 @@ class Ensemble:
             ens.scale = np.array([info.get("calibration", {}).get("scale", {}).get(t, 1.0) for t in ens.targets])
             return ens
         if path.is_dir():
-            if (path / "best.pt").is_file():
-                path = path / "best.pt"
-            elif (path / "config.yaml").is_file():
-                raise UsageError(f"{path}: an unfinished run (no best.pt, no {ENSEMBLE_JSON}); finish it with "
+            if (path / BEST).is_file():
+                path = path / BEST
+            elif (path / CONFIG).is_file():
+                raise UsageError(f"{path}: an unfinished run (no {BEST}, no {ENSEMBLE_JSON}); finish it with "
                                  f"`cgnn train --out {path} --resume`")
             else:
-                raise UsageError(f"{path}: not a run folder (no best.pt or {ENSEMBLE_JSON})")
+                raise UsageError(f"{path}: not a run folder (no {BEST} or {ENSEMBLE_JSON})")
         model, config = load_model(path, arch, device)
         return cls([model], config, source=str(path))
 
@@ -279,7 +290,8 @@ def bootstrap_indices(train_idx: np.ndarray, seed: int) -> np.ndarray:
 
 def _train_member(cfg, run_dir: str) -> dict:
     """Train (or resume) one member to the end and mark it done (runs in a worker process too)."""
-    from cgnn_dgl.train import LAST, train_run
+    from cgnn_dgl.rundir import LAST
+    from cgnn_dgl.train import train_run
 
     if not logging.getLogger().handlers:  # a spawned worker: keep the members' epoch lines
         logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -293,8 +305,9 @@ def _train_member(cfg, run_dir: str) -> dict:
 
 def train_ensemble(cfg, run_dir, resume: bool = False) -> dict:
     """Train (or resume) the ``cfg.train.ensemble`` members in ``run_dir``, then calibrate on val."""
+    from cgnn_dgl.rundir import CONFIG, LAST, SPLIT
     from cgnn_dgl.split import save_split
-    from cgnn_dgl.train import CONFIG, LAST, SPLIT, Dist, load_cache, make_split
+    from cgnn_dgl.train import Dist, load_cache, make_split, split_method
 
     run_dir = Path(run_dir)
     n = int(cfg.train.ensemble)
@@ -310,8 +323,8 @@ def train_ensemble(cfg, run_dir, resume: bool = False) -> dict:
     split_path = run_dir / SPLIT
     if not split_path.is_file():  # one split for every member, fixed before the first one trains
         split = make_split(packed, cfg.train)
-        save_split(split_path, split, packed.entry_id, packed.names, method="formula",
-                   seed=cfg.train.split_seed, source=str(cfg.train.split_file or "formula_split"))
+        save_split(split_path, split, packed.entry_id, packed.names, method=split_method(cfg.train),
+                   seed=cfg.train.split_seed, source=str(cfg.train.split_file or f"{split_method(cfg.train)}_split"))
     workers = max(1, min(int(cfg.train.workers), n))
     jobs = []
     for k in range(n):
@@ -341,8 +354,9 @@ def train_ensemble(cfg, run_dir, resume: bool = False) -> dict:
 
 def calibrate_ensemble(run_dir, cfg, packed) -> dict:
     """Fit one std scale per target on the validation split and write ``ensemble.json``."""
+    from cgnn_dgl.rundir import SPLIT, resolve_device
     from cgnn_dgl.split import load_split
-    from cgnn_dgl.train import SPLIT, resolve_device, target_columns
+    from cgnn_dgl.train import target_columns
 
     run_dir = Path(run_dir)
     n = int(cfg.train.ensemble)
@@ -354,7 +368,7 @@ def calibrate_ensemble(run_dir, cfg, packed) -> dict:
     ens = Ensemble.load_members(run_dir, members, device)
     parts = load_split(run_dir / SPLIT, packed.entry_id, packed.names)
     val = parts["val"]
-    cols = target_columns(ens.targets)
+    cols = target_columns(ens.targets, packed.targets)
     calib: dict = {"split": "val", "level": 0.95, "scale": {}, "n": {}, "coverage_95_raw": {},
                    "coverage_95": {}, "coverage_68": {}}
     if len(val):

@@ -34,7 +34,6 @@ from cgnn_dgl.errors import UsageError
 
 log = logging.getLogger(__name__)
 
-UNITS = {"formation_energy": "eV/atom", "volume_per_atom": "Å³/atom", "band_gap": "eV", "magnetization": "μB/atom"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -97,33 +96,16 @@ def binary_metrics(labels, predicted, scores) -> dict:
     }
 
 
-def compute_metrics(targets, pred, true, mask, train_cfg, prob=None) -> dict:
-    """Regression metrics per target and the two classification tasks that the heads allow."""
-    out: dict = {"regression": {}, "classification": {}}
-    targets = list(targets)
-    for k, name in enumerate(targets):
-        m = mask[:, k]
-        out["regression"][name] = {**regression_metrics(pred[m, k], true[m, k]), "unit": UNITS.get(name, "")}
-    tasks = (("metal_insulator", "band_gap", train_cfg.gap_threshold, train_cfg.gap_decision_threshold, 0),
-             ("magnetic", "magnetization", train_cfg.mag_threshold, train_cfg.mag_decision_threshold, 1))
-    for task, name, thr, decision, head in tasks:
-        if name not in targets:
-            continue
-        k = targets.index(name)
-        m = mask[:, k]
-        labels = true[m, k] > thr
-        if prob is not None:
-            scores = prob[m, head]
-            predicted = scores > 0.5
-            score_from = "classification head"
-        else:
-            scores = pred[m, k]
-            predicted = scores > decision
-            score_from = f"{name} regression"
-        out["classification"][task] = {**binary_metrics(labels, predicted, scores), "label_threshold": thr,
-                                       "decision_threshold": 0.5 if prob is not None else decision,
-                                       "score": score_from}
-    return out
+def compute_metrics(targets, pred, true, mask, train_cfg, prob=None, tasks=None) -> dict:
+    """Each task's metrics (:meth:`cgnn_dgl.tasks.TaskSet.metrics`). Without ``tasks``: the regression
+    ``targets`` and the OQMD classifications they allow (from heads when ``prob`` is given)."""
+    if tasks is None:
+        from cgnn_dgl.config import ModelConfig
+        from cgnn_dgl.tasks import TaskSet
+
+        tasks = TaskSet.from_configs(ModelConfig(targets=tuple(targets), classification_heads=prob is not None),
+                                     train_cfg)
+    return tasks.metrics(pred, true, mask, prob)
 
 
 def add_mean_baseline(metrics: dict, targets, y_train, m_train, y_eval, m_eval) -> None:
@@ -141,7 +123,8 @@ def add_mean_baseline(metrics: dict, targets, y_train, m_train, y_eval, m_eval) 
 # plots
 
 
-def parity_plot(path: Path, name: str, pred, true, metrics: dict) -> None:
+def parity_plot(path: Path, name: str, pred, true, metrics: dict, unit: str | None = None,
+                synthetic: bool = False) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -153,17 +136,19 @@ def parity_plot(path: Path, name: str, pred, true, metrics: dict) -> None:
         hi = float(max(np.max(true), np.max(pred)))
         ax.plot([lo, hi], [lo, hi], color="0.5", lw=1)
         ax.scatter(true, pred, s=4, alpha=0.5, lw=0)
-    unit = UNITS.get(name, "")
-    ax.set_xlabel(f"DFT {name} ({unit})")
-    ax.set_ylabel(f"predicted ({unit})")
+    unit = metrics.get("unit", "") if unit is None else unit
+    what = f" ({unit})" if unit else ""
+    ax.set_xlabel(f"{'SYNTHETIC' if synthetic else 'true'} {name}{what}")
+    ax.set_ylabel(f"predicted {name}{what}")
     if metrics.get("mae") is not None:
-        ax.set_title(f"{name}: MAE {metrics['mae']:.4g}, RMSE {metrics['rmse']:.4g} (n={metrics['n']})", fontsize=9)
+        ax.set_title(f"{name}: MAE {metrics['mae']:.4g}, RMSE {metrics['rmse']:.4g} (n={metrics['n']})"
+                     + ("\nSYNTHETIC labels: not physics" if synthetic else ""), fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
-def curves_plot(path: Path, history_csv: Path) -> bool:
+def curves_plot(path: Path, history_csv: Path, units: dict[str, str] | None = None) -> bool:
     if not history_csv.is_file():
         return False
     with open(history_csv) as fh:
@@ -191,7 +176,8 @@ def curves_plot(path: Path, history_csv: Path) -> bool:
         name = k[len("val_mae_"):]
         v = col(k)
         if np.isfinite(v).any():
-            axes[1].plot(ep, v, label=f"{name} ({UNITS.get(name, '')})")
+            unit = (units or {}).get(name, "")
+            axes[1].plot(ep, v, label=f"{name} ({unit})" if unit else name)
     axes[1].set_yscale("log")
     axes[1].set_xlabel("epoch")
     axes[1].set_ylabel("validation MAE")
@@ -210,8 +196,10 @@ def evaluate_run(run_dir, cache: str | None = None, split: str = "test", out: st
                  device: str = "cpu", batch_size: int | None = None, plots: bool = True) -> dict:
     from cgnn_dgl.config import load_run_config
     from cgnn_dgl.ensemble import Ensemble, is_ensemble_dir
+    from cgnn_dgl.rundir import BEST, CONFIG, HISTORY, SPLIT, resolve_device
     from cgnn_dgl.split import load_split
-    from cgnn_dgl.train import BEST, CONFIG, HISTORY, SPLIT, load_cache, resolve_device, target_columns
+    from cgnn_dgl.tasks import TaskSet
+    from cgnn_dgl.train import load_cache
 
     run_dir = Path(run_dir)
     ensemble = is_ensemble_dir(run_dir)
@@ -240,13 +228,21 @@ def evaluate_run(run_dir, cache: str | None = None, split: str = "test", out: st
     res = ens.predict(packed, idx, batch_size or train_cfg.eval_batch_size or train_cfg.batch_size, dev,
                       train_cfg.backend)
     pred, prob, std = res.mean, res.prob, res.std
-    cols = target_columns(mcfg.targets)
-    true = packed.y[idx][:, cols]
-    mask = packed.y_mask[idx][:, cols]
-    metrics = compute_metrics(mcfg.targets, pred, true, mask, train_cfg, prob)
-    metrics.update(split=split, n=int(len(idx)), run=str(run_dir))
+    tasks = TaskSet.from_configs(mcfg, train_cfg, {**packed.units, **getattr(ens, "units", {})})
+    cols = tasks.columns(packed.targets, f"the cache {cache or train_cfg.cache}")
+    T = len(tasks.names)
+    true_all, mask_all = packed.y[idx][:, cols], packed.y_mask[idx][:, cols]
+    metrics = tasks.metrics(pred, true_all, mask_all, prob)
+    true, mask = true_all[:, :T], mask_all[:, :T]
+    cols = cols[:T]
+    from cgnn_dgl.checkpoint import cache_record
+
+    synthetic = cache_record(cache or train_cfg.cache)["synthetic"]
+    metrics.update(split=split, n=int(len(idx)), run=str(run_dir), synthetic_labels=synthetic)
+    if synthetic:
+        metrics["labels_note"] = "SYNTHETIC labels (cgnn db synth): these figures show the pipeline works, not physics"
     if std is not None:
-        add_uncertainty(metrics, mcfg.targets, res, true, mask, ens.scale)
+        add_uncertainty(metrics, mcfg.targets, res, true, mask, ens.scale, tasks.units())
         metrics["members"] = len(ens)
     add_mean_baseline(metrics, mcfg.targets, packed.y[parts["train"]][:, cols], packed.y_mask[parts["train"]][:, cols],
                       true, mask)
@@ -254,12 +250,12 @@ def evaluate_run(run_dir, cache: str | None = None, split: str = "test", out: st
     out_dir = Path(out) if out else run_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / f"{split}_predictions.csv", "w", newline="") as fh:
-        w = csv.writer(fh)
+        w = csv.writer(fh, lineterminator="\n")
         header = ["name", "entry_id"]
         for name in mcfg.targets:
             header += [f"{name}_pred", f"{name}_true"] + ([f"{name}_std"] if std is not None else [])
         if prob is not None:
-            header += ["p_insulator", "p_magnetic"]
+            header += [f"p_{c}" for c in tasks.class_names]
         w.writerow(header)
         for r, i in enumerate(idx):
             row = [packed.names[i], int(packed.entry_id[i])]
@@ -275,8 +271,9 @@ def evaluate_run(run_dir, cache: str | None = None, split: str = "test", out: st
         for k, name in enumerate(mcfg.targets):
             m = mask[:, k]
             if m.any():
-                parity_plot(out_dir / f"parity_{name}.png", name, pred[m, k], true[m, k], metrics["regression"][name])
-        curves_plot(out_dir / "training_curves.png", run_dir / HISTORY)
+                parity_plot(out_dir / f"parity_{name}.png", name, pred[m, k], true[m, k], metrics["regression"][name],
+                            synthetic=bool(synthetic))
+        curves_plot(out_dir / "training_curves.png", run_dir / HISTORY, tasks.units())
         if std is not None:
             from cgnn_dgl.ensemble import calibration_curve, calibration_plot
 
@@ -287,7 +284,7 @@ def evaluate_run(run_dir, cache: str | None = None, split: str = "test", out: st
     return metrics
 
 
-def add_uncertainty(metrics: dict, targets, res, true, mask, scale) -> None:
+def add_uncertainty(metrics: dict, targets, res, true, mask, scale, units: dict[str, str] | None = None) -> None:
     """Per-target uncertainty figures of an ensemble prediction (calibrated, and raw coverage)."""
     from cgnn_dgl.ensemble import Z95, interval_coverage, uncertainty_metrics
 
@@ -298,7 +295,7 @@ def add_uncertainty(metrics: dict, targets, res, true, mask, scale) -> None:
         u["coverage_95_uncalibrated"] = (interval_coverage(res.mean[m, k], res.std_raw[m, k], true[m, k], Z95)
                                          if m.any() else None)
         u["std_scale"] = float(scale[k])
-        u["unit"] = UNITS.get(name, "")
+        u["unit"] = (units or {}).get(name, "")
         out[name] = u
     metrics["uncertainty"] = out
 
@@ -311,7 +308,8 @@ def print_metrics(metrics: dict) -> None:
 
     rows = [(name, m["n"], num(m["mae"]), num(m["rmse"]), num(m.get("mean_predictor_mae")), m["unit"])
             for name, m in metrics["regression"].items()]
-    print_table(f"{metrics['split']} split ({metrics['n']} crystals)", rows,
+    labels = ", SYNTHETIC labels" if metrics.get("synthetic_labels") else ""
+    print_table(f"{metrics['split']} split ({metrics['n']} crystals{labels})", rows,
                 header=["target", "n", "MAE", "RMSE", "mean-predictor MAE", "unit"])
     if metrics["classification"]:
         rows = [(task, m["n"], m["positives"], num(m["accuracy"]), num(m["precision"]), num(m["recall"]),
@@ -339,11 +337,12 @@ def register(sub) -> None:
     p = sub.add_parser("evaluate", help="metrics, predictions CSV and plots of a trained run",
                        description="Evaluate RUN/best.pt on one split of the run's split.json: writes "
                                    "<split>_predictions.csv, metrics.json, parity plots and training curves.")
-    p.add_argument("--run", required=True, metavar="RUNDIR")
+    p.add_argument("--run", required=True, metavar="RUNDIR", help="a `cgnn train` run folder (holds best.pt)")
     p.add_argument("--cache", metavar="DIR", help="graph cache (default: the run's train.cache)")
-    p.add_argument("--split", default="test", choices=["test", "val", "train"])
+    p.add_argument("--split", default="test", choices=["test", "val", "train"],
+                   help="which part of the run's split.json (default: %(default)s)")
     p.add_argument("--out", metavar="DIR", help="output folder (default: RUNDIR)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="default: %(default)s")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the run's train.batch_size")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG parity plots and curves")
     p.set_defaults(func=_cmd_evaluate)

@@ -48,5 +48,7 @@ def _cmd_examples(args) -> int:
 def register(sub) -> None:
     p = sub.add_parser("examples", help="write pymatgen's bundled AFLOW prototypes as CIF files (offline)")
     p.add_argument("--out", required=True, help="folder for the CIF files")
-    p.add_argument("--limit", type=int, default=None)
+    from cgnn_dgl.errors import positive_int
+
+    p.add_argument("--limit", type=positive_int, default=None, help="write only the first N (default: all)")
     p.set_defaults(func=_cmd_examples)

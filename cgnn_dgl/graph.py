@@ -1,12 +1,8 @@
 """Stage 3: one crystal as a DGL heterograph.
 
-Schema (docs/design.md):
-  * node types ``atom`` (data ``Z``: int64 atomic number) and ``crystal`` (data ``y`` float64 (T,),
-    ``y_mask`` bool (T,), ``entry_id`` int64), T targets in the order the cache records (OQMD: 4);
-  * ``('atom', 'bond', 'atom')``: one edge per entry of the reference neighbour multiset, directed
-    neighbour -> centre, multi-edges and self-images kept;
-    bond data ``ratio`` (float32, optional): distance / cutoff of the bond, the model's geometry input;
-  * ``('atom', 'in', 'crystal')``: readout edges.
+The schema is :mod:`cgnn_dgl.schema` (docs/design.md); single-crystal graphs hold int64 ids and ``Z``,
+float64 ``y`` (1, T), bool ``y_mask`` (1, T) and int64 ``entry_id``, T targets in the order the cache
+records (OQMD: 4). Bonds follow the reference neighbour multiset.
 """
 from __future__ import annotations
 
@@ -18,10 +14,7 @@ import torch
 
 import cgnn_dgl  # noqa: F401  (sets DGLBACKEND before dgl is imported)
 from cgnn_dgl import TARGETS
-
-BOND = ("atom", "bond", "atom")
-IN = ("atom", "in", "crystal")
-RATIO = "ratio"  # optional bond data: distance / cutoff (float32), see coordinator.coordinate_packed
+from cgnn_dgl.schema import heterograph
 
 
 def target_arrays(targets: Mapping[str, float | None] | Sequence[float] | np.ndarray | None,
@@ -62,22 +55,17 @@ def graph_from_bonds(
     ratio: np.ndarray | None = None,
 ) -> dgl.DGLHeteroGraph:
     n = int(len(numbers))
-    g = dgl.heterograph(
-        {
-            BOND: (torch.as_tensor(src, dtype=torch.int64), torch.as_tensor(dst, dtype=torch.int64)),
-            IN: (torch.arange(n), torch.zeros(n, dtype=torch.int64)),
-        },
-        num_nodes_dict={"atom": n, "crystal": 1},
-    )
-    g.nodes["atom"].data["Z"] = torch.as_tensor(np.asarray(numbers), dtype=torch.int64)
     if y is None:
         y, y_mask = target_arrays(None)
-    g.nodes["crystal"].data["y"] = torch.as_tensor(np.asarray(y, dtype=np.float64)).reshape(1, -1)
-    g.nodes["crystal"].data["y_mask"] = torch.as_tensor(np.asarray(y_mask, dtype=bool)).reshape(1, -1)
-    g.nodes["crystal"].data["entry_id"] = torch.tensor([int(entry_id)], dtype=torch.int64)
-    if ratio is not None:
-        g.edges[BOND].data[RATIO] = torch.as_tensor(np.asarray(ratio, dtype=np.float32))
-    return g
+    return heterograph(
+        torch.as_tensor(src, dtype=torch.int64), torch.as_tensor(dst, dtype=torch.int64),
+        torch.zeros(n, dtype=torch.int64), 1,
+        numbers=torch.as_tensor(np.asarray(numbers), dtype=torch.int64),
+        y=torch.as_tensor(np.asarray(y, dtype=np.float64)).reshape(1, -1),
+        y_mask=torch.as_tensor(np.asarray(y_mask, dtype=bool)).reshape(1, -1),
+        entry_id=torch.tensor([int(entry_id)], dtype=torch.int64),
+        ratio=None if ratio is None else torch.as_tensor(np.asarray(ratio, dtype=np.float32)),
+    )
 
 
 def graph_from_neighbors(numbers, neighbors, targets=None, entry_id: int = -1) -> dgl.DGLHeteroGraph:

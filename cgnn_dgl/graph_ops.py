@@ -5,7 +5,7 @@ A mini-batch is described by a :class:`GraphIndex`: per-bond ``bond_src`` (the n
 ``atom_count``. Every operation exists twice:
 
 * ``"dgl"``: DGL's sparse kernels (``dgl.ops.copy_u`` / ``copy_v`` / ``copy_e_sum`` / ``copy_u_sum`` /
-  ``copy_u_mean``) on the batch's ``('atom','bond','atom')`` and ``('atom','in','crystal')`` relations;
+  ``copy_u_mean``) on the batch's :data:`~cgnn_dgl.schema.BOND` and :data:`~cgnn_dgl.schema.IN` relations;
 * ``"torch"``: plain ``index_select`` / ``index_add`` — works on any device, e.g. CUDA with the
   CPU-only DGL wheel from PyPI.
 
@@ -33,10 +33,8 @@ import torch
 from torch import Tensor
 
 import cgnn_dgl  # noqa: F401  (sets DGLBACKEND before dgl is imported)
+from cgnn_dgl.schema import ATOM, BOND, CRYSTAL, IN, bond_ratio, heterograph
 
-BOND = ("atom", "bond", "atom")
-IN = ("atom", "in", "crystal")
-RATIO = "ratio"  # optional per-bond data (distance / cutoff); the same name as cgnn_dgl.graph.RATIO
 BACKENDS = ("dgl", "torch")
 
 CPU_TIMINGS_NOTE = """\
@@ -168,11 +166,11 @@ class GraphIndex:
 
     @classmethod
     def from_graph(cls, g, device: torch.device | str = "cpu", backend: str = "auto") -> GraphIndex:
-        """Index of a (batched) heterograph with the schema of :mod:`cgnn_dgl.graph`."""
+        """Index of a (batched) heterograph with the schema of :mod:`cgnn_dgl.schema`."""
         device = torch.device(device)
         backend = resolve_backend(backend, device)
-        n_atoms = int(g.num_nodes("atom"))
-        n_crystals = int(g.num_nodes("crystal"))
+        n_atoms = int(g.num_nodes(ATOM))
+        n_crystals = int(g.num_nodes(CRYSTAL))
         src, dst = g.edges(etype=BOND, order="eid")
         a_src, a_dst = g.edges(etype=IN, order="eid")
         if a_src.numel() != n_atoms:
@@ -186,8 +184,8 @@ class GraphIndex:
         dgl_graph = None
         if backend == "dgl":
             dgl_graph = g if g.device == device else g.to(device)
-        edata = g.edges[BOND].data
-        ratio = edata["ratio"].to(device=device, dtype=torch.float32) if "ratio" in edata else None
+        ratio = bond_ratio(g)
+        ratio = None if ratio is None else ratio.to(device=device, dtype=torch.float32)
         return cls(
             bond_src=src.to(device=device, dtype=torch.int64),
             bond_dst=dst.to(device=device, dtype=torch.int64),
@@ -227,12 +225,7 @@ class GraphIndex:
         atom_count = torch.bincount(atom_crystal, minlength=n_crystals).to(torch.float32)
         dgl_graph = None
         if backend == "dgl":
-            import dgl
-
-            dgl_graph = dgl.heterograph(
-                {BOND: (src, dst), IN: (torch.arange(n_atoms), atom_crystal)},
-                num_nodes_dict={"atom": n_atoms, "crystal": n_crystals},
-            ).to(device)
+            dgl_graph = heterograph(src, dst, atom_crystal, n_crystals, device=device)
         return cls(
             bond_src=src.to(device),
             bond_dst=dst.to(device),

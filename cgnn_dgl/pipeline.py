@@ -30,15 +30,31 @@ class BuildItem:
     # target names the build uses (the cache's; the OQMD four by default)
     targets: Mapping[str, float | None] | np.ndarray | None = None
     flags: dict = field(default_factory=dict)
+    # how rejects name this input when not by the crystal's own name: its path as given, or its place in
+    # a list (``list.json[3] name``); the graph in the cache keeps the crystal's name
+    name: str | None = None
 
 
-def _name_of(item: BuildItem) -> str:
+def input_name(item: BuildItem) -> str:
+    """The name the user gave the input: ``item.name``, else the file's path (with its extension: ``x.cif``
+    and ``x.vasp`` are told apart), else the crystal's name, else the input's position."""
+    if item.name:
+        return item.name
     src = item.source
-    if isinstance(src, Crystal):
-        return src.name
     if isinstance(src, Path):
         return str(src)
-    return str(item.key)
+    if isinstance(src, Crystal) and src.name:
+        return src.name
+    return f"input #{item.key}"
+
+
+def _late_reject(item: BuildItem, crystal: Crystal, reason: str, message: str) -> Reject:
+    """A reject found after parsing (coordinator, validation): named as the user gave the input, and its
+    message too, where it starts with the crystal's short name (a file's stem)."""
+    name = input_name(item)
+    if crystal.name and name != crystal.name and message.startswith(f"{crystal.name}: "):
+        message = f"{name}: {message[len(crystal.name) + 2:]}"
+    return Reject(item.key, name, reason, message)
 
 
 def _prepare(item: BuildItem, target_names: Sequence[str] = TARGETS) -> tuple[Crystal, np.ndarray, np.ndarray] | Reject:
@@ -50,13 +66,18 @@ def _prepare(item: BuildItem, target_names: Sequence[str] = TARGETS) -> tuple[Cr
         if isinstance(src, StructureError):
             raise src
         crystal = read_structure_file(src) if isinstance(src, Path) else src
+    except StructureError as exc:
+        return Reject(item.key, input_name(item), exc.reason, str(exc))
+    except Exception as exc:  # one bad structure never aborts a run
+        return Reject(item.key, input_name(item), "error", f"{type(exc).__name__}: {exc}")
+    try:
         crystal.validate()
         y, mask = target_arrays(item.targets, target_names)
         return crystal, y, mask
     except StructureError as exc:
-        return Reject(item.key, _name_of(item), exc.reason, str(exc))
-    except Exception as exc:  # one bad structure never aborts a run
-        return Reject(item.key, _name_of(item), "error", f"{type(exc).__name__}: {exc}")
+        return _late_reject(item, crystal, exc.reason, str(exc))
+    except Exception as exc:
+        return _late_reject(item, crystal, "error", f"{type(exc).__name__}: {exc}")
 
 
 def build_chunk(items: list[BuildItem], params, target_names: Sequence[str] = TARGETS) -> list[Built | Reject]:
@@ -70,12 +91,13 @@ def build_chunk(items: list[BuildItem], params, target_names: Sequence[str] = TA
     for k, res in zip(ok, coords):
         item, (crystal, y, mask) = items[k], prepared[k]
         if isinstance(res, StructureError):
-            out[k] = Reject(item.key, crystal.name or _name_of(item), res.reason, str(res))
+            out[k] = _late_reject(item, crystal, res.reason, str(res))
         elif isinstance(res, Exception):
-            out[k] = Reject(item.key, crystal.name or _name_of(item), "error", f"{type(res).__name__}: {res}")
+            out[k] = _late_reject(item, crystal, "error", f"{type(res).__name__}: {res}")
         else:
             counts, nbr, ratio = res
-            out[k] = Built(item.key, crystal.name or _name_of(item), crystal.numbers.astype(np.int64),
+            graph_name = crystal.name or (str(item.source) if isinstance(item.source, Path) else str(item.key))
+            out[k] = Built(item.key, graph_name, crystal.numbers.astype(np.int64),
                            np.asarray(counts, np.int64), np.asarray(nbr, np.int64), y, mask, item.flags,
                            ratio=np.asarray(ratio, np.float32))
     return out
@@ -210,12 +232,24 @@ def add_coordinator_args(p) -> None:
     from cgnn_dgl.coordinator import DEFAULT_PARAMS, PRUNINGS
 
     g = p.add_argument_group("coordinator (defaults are the reference CGNN's)")
-    g.add_argument("--radius-factor", type=float, default=DEFAULT_PARAMS.radius_factor)
-    g.add_argument("--cc-cutoff", type=float, default=DEFAULT_PARAMS.cc_cutoff)
-    g.add_argument("--max-rounds", type=int, default=DEFAULT_PARAMS.max_rounds)
+    g.add_argument("--radius-factor", type=float, default=DEFAULT_PARAMS.radius_factor,
+                   help="scale of the neighbour cutoff (r_i + r_j) * factor_vol (default: %(default)s)")
+    g.add_argument("--cc-cutoff", type=float, default=DEFAULT_PARAMS.cc_cutoff,
+                   help="2-means centre gap above which the far cluster is pruned (default: %(default)s)")
+    g.add_argument("--max-rounds", type=int, default=DEFAULT_PARAMS.max_rounds,
+                   help="rounds of 2-means pruning per atom (default: %(default)s)")
+    add_overlap_arg(g)
     g.add_argument("--pruning", choices=PRUNINGS, default=DEFAULT_PARAMS.pruning,
                    help="exact: optimal 1-D 2-means (default, fast); kmeans: reproduce the reference's "
                         "scikit-learn KMeans choices bit for bit (about 10x slower)")
+
+
+def add_overlap_arg(p) -> None:
+    from cgnn_dgl.coordinator import OVERLAP_TOLERANCE
+
+    p.add_argument("--overlap-tolerance", type=float, default=OVERLAP_TOLERANCE, metavar="ANGSTROM",
+                   help="reject structures with two atoms closer than this, periodic minimum image "
+                        "(reason overlapping_atoms; 0 turns the check off; default: %(default)s)")
 
 
 def coordinator_params(args):
@@ -223,7 +257,8 @@ def coordinator_params(args):
     from cgnn_dgl.coordinator import CoordinatorParams
 
     return CoordinatorParams(radius_factor=args.radius_factor, cc_cutoff=args.cc_cutoff,
-                             max_rounds=args.max_rounds, pruning=args.pruning)
+                             max_rounds=args.max_rounds, pruning=args.pruning,
+                             overlap_tolerance=args.overlap_tolerance)
 
 
 def register(sub) -> None:
@@ -233,10 +268,14 @@ def register(sub) -> None:
                                    "dicts, and labelled data: a folder with id_prop.csv, CSV/TSV, extxyz or an ASE "
                                    ".db (labels named by --targets). Bad inputs are skipped and "
                                    "listed in CACHE/rejects.csv; an interrupted build resumes when rerun.")
-    p.add_argument("inputs", nargs="+", metavar="INPUT")
-    p.add_argument("--out", required=True, metavar="CACHE")
-    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)), help="worker processes")
-    p.add_argument("--shard-size", type=int, default=8192, help="crystals per shard file")
+    from cgnn_dgl.errors import positive_int
+
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="structure files, folders, or labelled inputs")
+    p.add_argument("--out", required=True, metavar="CACHE", help="cache folder (a rerun resumes it)")
+    p.add_argument("--workers", type=positive_int, default=max(1, (os.cpu_count() or 1)),
+                   help="worker processes (default: one per CPU, %(default)s here)")
+    p.add_argument("--shard-size", type=positive_int, default=8192,
+                   help="crystals per shard file (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="discard an existing cache at --out")
     g = p.add_argument_group("labelled inputs (see README, 'Your own data: input formats')")
     g.add_argument("--targets", metavar="NAME[,NAME...]",

@@ -7,8 +7,13 @@ database (through ``ingest.reader`` when the ingest package provides it). The mo
 input (unreadable file, unknown element, no graph) is listed with its reason on stderr and in
 ``<out>.rejects.csv``; it never stops the run.
 
-Output CSV: ``name``, one column per target of the model in physical units (eV/atom, Å³/atom, eV,
-μB/atom), then ``p_insulator`` / ``p_magnetic`` when the model has classification heads. With an
+Graphs are built with the coordinator parameters recorded in the checkpoint (those of its training
+cache; ``--pruning`` overrides the pruning), never guessed.
+
+Output CSV (LF line endings): ``name``, one column per target of the model named as in training, in its
+physical unit, then ``p_<class>`` per classification head (``p_insulator`` / ``p_magnetic`` for the OQMD
+preset). Beside it ``<out>.json`` (``p.csv`` -> ``p.json``) records each column's unit, the model file(s)
+with sha256, the coordinator parameters, the code version and whether the model learnt synthetic labels. With an
 ensemble run folder as ``--model`` (:mod:`cgnn_dgl.ensemble`) each target column is the members' mean
 and is followed by ``<target>_std``, the calibrated ensemble standard deviation in the same unit
 (mean ± 1.96 std is the 95% interval, calibrated on the validation split).
@@ -16,6 +21,7 @@ and is followed by ``<target>_std``, the calibrated ensemble standard deviation 
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
 import sys
@@ -102,15 +108,19 @@ def _gather_items(inputs, db: str | None, db_limit: int | None):
         for path in paths:
             if path.suffix.lower() == ".json":
                 try:
-                    for obj in crystals_from_json(path):
-                        items.append(BuildItem(key, obj))
+                    for k, obj in enumerate(crystals_from_json(path)):  # rejects name the file and row
+                        row = f"{path}[{k}]" + (f" {obj.name}" if getattr(obj, "name", "") else "")
+                        items.append(BuildItem(key, obj, name=row))
                         key += 1
                 except (StructureError, ValueError, OSError) as exc:
                     rejects.append(Reject(key, str(path), "parse_error", f"{path}: {exc}"))
                     key += 1
             else:
-                items.append(BuildItem(key, path))
-                key += 1
+                from cgnn_dgl.readers import cif_block_records
+
+                for rec in cif_block_records(path) or [None]:  # a multi-block CIF: every block
+                    items.append(BuildItem(key, path) if rec is None else BuildItem(key, rec.source, name=rec.label))
+                    key += 1
     if db:
         try:
             from ingest.db import make_engine, resolve_url
@@ -138,9 +148,10 @@ def build_inputs(inputs, workers: int = 1, db: str | None = None, db_limit: int 
     """(PackedGraphs of the good inputs, list of Reject) for prediction inputs (graphs built with ``params``)."""
     from cgnn_dgl.batching import PackedGraphs
     from cgnn_dgl.cache import Built, Reject
-    from cgnn_dgl.pipeline import build_many
+    from cgnn_dgl.pipeline import build_many, input_name
 
     items, rejects = _gather_items(inputs, db, db_limit)
+    given = {it.key: input_name(it) for it in items}  # rejects found after the build name the input too
     built = []
     for res in build_many(items, workers=workers, params=params):
         if isinstance(res, Built):
@@ -156,7 +167,8 @@ def build_inputs(inputs, workers: int = 1, db: str | None = None, db_limit: int 
             for i in np.flatnonzero(~ok):
                 z = packed.numbers[packed.node_ptr[i]:packed.node_ptr[i + 1]].astype(int)
                 bad = sorted(set(z.tolist()) - set(SPECIES_Z))
-                rejects.append(Reject(int(packed.entry_id[i]), packed.names[i], "unsupported_element",
+                key = int(packed.entry_id[i])
+                rejects.append(Reject(key, given.get(key, packed.names[i]), "unsupported_element",
                                       f"element(s) Z={bad} outside the model's 89 species"))
             packed = packed.subset(np.flatnonzero(ok))
     rejects.sort(key=lambda r: r.key)
@@ -168,30 +180,35 @@ def load_model(path: str | os.PathLike, arch: str | None = None, device: str | t
     obj = ckpt_mod.load(path)
     model, config = ckpt_mod.model_from_checkpoint(obj, arch=arch, path=str(path))
     model.to(torch.device(device)).eval()
+    model.record = ckpt_mod.record_of(obj)  # tasks, coordinator parameters, synthetic flag (checkpoint.py)
     return model, config
 
 
 def coordinator_params_for(ckpt: dict):
     """The coordinator settings a checkpoint's graphs were built with (its ``coordinator`` record when it has
     one; the reference KMeans pruning for plain reference state_dicts; the defaults otherwise)."""
+    import dataclasses
+
     from cgnn_dgl.coordinator import DEFAULT_PARAMS, CoordinatorParams
 
     rec = ckpt.get("coordinator") if isinstance(ckpt, dict) else None
     if isinstance(rec, dict):
-        return CoordinatorParams(**rec)
+        known = {f.name for f in dataclasses.fields(CoordinatorParams)}
+        return CoordinatorParams(**{k: v for k, v in rec.items() if k in known})
     if isinstance(ckpt, dict) and ckpt and not ckpt_mod.is_cgnn_checkpoint(ckpt):
         return CoordinatorParams(pruning="kmeans")
     return DEFAULT_PARAMS
 
 
 def write_predictions(path: Path, names, pred: np.ndarray, targets, prob: np.ndarray | None,
-                      std: np.ndarray | None = None) -> None:
-    """The predictions CSV; with ``std`` a ``<target>_std`` column follows each target column."""
+                      std: np.ndarray | None = None, classes=("insulator", "magnetic")) -> None:
+    """The predictions CSV (LF line endings): ``name``, a column per target (with ``std`` a ``<target>_std``
+    column after each), then ``p_<class>`` per classification head (``classes``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
+        w = csv.writer(fh, lineterminator="\n")
         cols = [c for t in targets for c in ((t, f"{t}_std") if std is not None else (t,))]
-        header = ["name"] + cols + (["p_insulator", "p_magnetic"] if prob is not None else [])
+        header = ["name"] + cols + ([f"p_{c}" for c in classes] if prob is not None else [])
         w.writerow(header)
         for i, name in enumerate(names):
             if std is None:
@@ -203,30 +220,83 @@ def write_predictions(path: Path, names, pred: np.ndarray, targets, prob: np.nda
             w.writerow(row)
 
 
+def sidecar_path(out: Path) -> Path:
+    """``p.csv`` -> ``p.json``: what explains a predictions CSV."""
+    return out.with_suffix(".json") if out.suffix.lower() != ".json" else out.with_name(out.name + ".json")
+
+
+def write_sidecar(out: Path, model_path, ens, ckpt: dict, params, n_predicted: int, n_rejected: int) -> Path:
+    """``<out>.json`` beside the predictions: its columns with units, the model file(s) with sha256, the
+    coordinator parameters the graphs were built with, the code version, and whether the model learnt
+    synthetic labels."""
+    import time
+
+    from cgnn_dgl import __version__
+    from cgnn_dgl.ensemble import first_checkpoint, is_ensemble_dir, read_ensemble_json
+    from cgnn_dgl.fileio import atomic_write_json, sha256_file
+    from cgnn_dgl.tasks import TaskSet
+
+    rec = ckpt_mod.record_of(ckpt) if ckpt_mod.is_cgnn_checkpoint(ckpt) else {}
+    units = dict((rec.get("tasks") or {}).get("units") or {})
+    tasks = TaskSet.from_configs(ens.config, units=units)
+    model_path = Path(model_path)
+    files = ([model_path / m for m in read_ensemble_json(model_path)["members"]] if is_ensemble_dir(model_path)
+             else [first_checkpoint(model_path)])
+    synthetic = rec.get("synthetic")
+    doc = {
+        "what": "cgnn predict: properties predicted by a CGNN model for the structures named in 'predictions'",
+        "predictions": out.name,
+        "columns": [{"name": "name", "unit": "", "about": "structure id (file stem, id column or row id)"}]
+        + [{"name": c, "unit": u} for c, u in tasks.prediction_columns(std=ens.is_ensemble)],
+        "units": dict(tasks.prediction_columns(std=ens.is_ensemble)),
+        "targets": list(tasks.names), "classes": list(tasks.class_names),
+        "model": str(model_path), "model_files": [{"path": str(f), "sha256": sha256_file(f)} for f in files],
+        "model_sha256": sha256_file(files[0]) if len(files) == 1 else None,
+        "coordinator": params.as_dict(),
+        "coordinator_from": "checkpoint record" if isinstance(ckpt.get("coordinator"), dict) else
+        ("reference KMeans pruning (official state_dict)" if not ckpt_mod.is_cgnn_checkpoint(ckpt) else
+         "defaults (checkpoint older than the record)"),
+        "code_version": __version__,
+        "synthetic": synthetic,
+        "labels_note": "the model was trained on SYNTHETIC labels: predictions show the pipeline works, not physics"
+        if synthetic else "",
+        "n_predicted": int(n_predicted), "n_rejected": int(n_rejected),
+        "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    path = sidecar_path(out)
+    atomic_write_json(path, doc)
+    return path
+
+
 def write_rejects(path: Path, rejects) -> None:
     with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
+        w = csv.writer(fh, lineterminator="\n")
         w.writerow(["name", "reason", "message"])
         for r in rejects:
             w.writerow([r.name, r.reason, r.message])
 
 
 def _cmd_predict(args) -> int:
-    from cgnn_dgl.train import resolve_device
+    from cgnn_dgl.rundir import resolve_device
 
     if not args.inputs and not args.db:
         raise UsageError("give structure files, folders or JSON lists (or --db URL)")
     from cgnn_dgl.coordinator import CoordinatorParams
-    from cgnn_dgl.ensemble import Ensemble
+    from cgnn_dgl.ensemble import Ensemble, first_checkpoint
     from cgnn_dgl.fileio import output_file
 
     out = output_file(args.out, "predictions.csv")  # before any model or structure work
     device = resolve_device(args.device)
     ens = Ensemble.load(args.model, device, args.arch)  # once, before any structure work
     config = ens.config
-    # official reference weights were trained on graphs pruned by scikit-learn's KMeans: rebuild those
-    pruning = args.pruning if args.pruning != "auto" else ("kmeans" if args.arch else "exact")
-    params = CoordinatorParams(pruning=pruning)
+    # graphs are built as the model's training cache built them (its checkpoint's record); official
+    # reference weights were trained on graphs pruned by scikit-learn's KMeans: rebuild those
+    first = first_checkpoint(args.model)
+    raw = ckpt_mod.load(first)
+    params = coordinator_params_for(raw)
+    if args.pruning != "auto":
+        params = CoordinatorParams(**{**params.as_dict(), "pruning": args.pruning})
+    params = CoordinatorParams(**{**params.as_dict(), "overlap_tolerance": args.overlap_tolerance})
     packed, rejects = build_inputs(args.inputs, workers=args.workers, db=args.db, db_limit=args.limit, params=params)
     if len(packed):
         res = ens.predict(packed, batch_size=args.batch_size, device=device, backend=args.backend, progress=True)
@@ -235,7 +305,10 @@ def _cmd_predict(args) -> int:
         n_t = len(config.targets)
         pred, prob = np.zeros((0, n_t)), None
         std = np.zeros((0, n_t)) if ens.is_ensemble else None
-    write_predictions(out, packed.names, pred, config.targets, prob, std)
+    from cgnn_dgl.tasks import class_names
+
+    write_predictions(out, packed.names, pred, config.targets, prob, std, class_names(config))
+    sidecar = write_sidecar(out, args.model, ens, raw, params, n_predicted=len(packed), n_rejected=len(rejects))
     if rejects:
         rej_path = out.with_name(out.stem + ".rejects.csv")
         write_rejects(rej_path, rejects)
@@ -244,7 +317,11 @@ def _cmd_predict(args) -> int:
             print(f"  {r.name}: {r.reason}: {r.message}", file=sys.stderr)
         if len(rejects) > 20:
             print(f"  ... and {len(rejects) - 20} more", file=sys.stderr)
-    print(f"predicted {len(packed)} structure(s) -> {out}" + (f"; {len(rejects)} rejected" if rejects else ""))
+    print(f"predicted {len(packed)} structure(s) -> {out} (units, model and settings in {sidecar})"
+          + (f"; {len(rejects)} rejected" if rejects else ""))
+    if json.loads(Path(sidecar).read_text()).get("synthetic"):
+        print("note: the model was trained on SYNTHETIC labels: predictions show the pipeline works, not physics",
+              file=sys.stderr)
     return 0 if len(packed) else 1
 
 
@@ -271,4 +348,7 @@ def register(sub) -> None:
     p.add_argument("--pruning", default="auto", choices=["auto", "exact", "kmeans"],
                    help="neighbour pruning of the graphs: auto = kmeans (the reference's KMeans choices) with "
                         "--arch reference weights, else exact (use the pruning the model's cache was built with)")
+    from cgnn_dgl.pipeline import add_overlap_arg
+
+    add_overlap_arg(p)
     p.set_defaults(func=_cmd_predict)

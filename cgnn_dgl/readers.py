@@ -42,6 +42,7 @@ from cgnn_dgl.structures import (
     STRUCTURE_SUFFIXES,
     Crystal,
     StructureError,
+    cif_blocks,
     expand_inputs,
     read_structure_file,
 )
@@ -81,12 +82,13 @@ class PendingCrystal(Crystal):
     fmt: str | None = None  # "cif" or "poscar" for text
     path: str | None = None
     error: StructureError | None = None
+    block: str | None = None  # the data block of a multi-structure CIF at ``path``
 
     @classmethod
     def of(cls, name: str, *, text: str | None = None, fmt: str | None = None, path: str | os.PathLike | None = None,
-           error: StructureError | None = None) -> PendingCrystal:
+           error: StructureError | None = None, block: str | None = None) -> PendingCrystal:
         return cls(name=name, lattice=np.zeros((3, 3)), numbers=np.zeros(0, np.int64), frac=np.zeros((0, 3)),
-                   text=text, fmt=fmt, path=None if path is None else str(path), error=error)
+                   text=text, fmt=fmt, path=None if path is None else str(path), error=error, block=block)
 
     def load(self) -> None:
         if self.error is not None:
@@ -94,7 +96,7 @@ class PendingCrystal(Crystal):
         if self.text is None and self.path is None:
             return
         if self.path is not None:
-            crystal = read_structure_file(self.path)
+            crystal = read_structure_file(self.path, self.block)
         else:
             crystal = crystal_from_text(self.text, self.fmt or "cif", self.name)
         self.lattice, self.numbers, self.frac = crystal.lattice, crystal.numbers, crystal.frac
@@ -105,7 +107,8 @@ class PendingCrystal(Crystal):
             self.load()
         except StructureError as exc:
             msg = str(exc)
-            raise StructureError(exc.reason, msg if msg.startswith(f"{self.name}:") else f"{self.name}: {msg}") from None
+            named = msg.startswith(f"{self.name}:") or msg.split(": ", 1)[0].endswith(self.name)
+            raise StructureError(exc.reason, msg if named else f"{self.name}: {msg}") from None
         super().validate()
 
 
@@ -317,17 +320,23 @@ def read_table(path: str | os.PathLike, opts: ReadOptions) -> Iterator[Record]:
                 ident = f"{path.stem}-{k}"
                 yield Record(ident, failed(ident, "missing_id", f"empty {opts.id_column!r} cell for --id-column"))
                 continue
+            named = bool(ident)
             ident = ident or f"{path.stem}-{k}"
-            if missing:
-                yield Record(ident, failed(ident, "unknown_column", f"{path} has no column {', '.join(missing)} "
-                                           f"(columns: {_listed(columns)})"))
-                continue
-            if len(row) > len(columns):
-                yield Record(ident, failed(ident, "bad_row", f"{len(row)} fields for {len(columns)} columns"))
-                continue
-            cell = row[s_col] if s_col < len(row) else ""
-            raw = {t: (row[c] if c < len(row) else None) for t, c in value_cols.items()}
-            yield _record(ident, _structure_cell(cell, path.parent, ident), raw)
+            rec = _table_row(path, columns, row, k, ident, missing, s_col, value_cols)
+            if not named:  # rejects name a row without an id by its file and row
+                rec.label = f"{path}[{k}]"
+            yield rec
+
+
+def _table_row(path: Path, columns, row, k: int, ident: str, missing, s_col: int, value_cols) -> Record:
+    if missing:
+        return Record(ident, failed(ident, "unknown_column", f"{path} has no column {', '.join(missing)} "
+                                    f"(columns: {_listed(columns)})"))
+    if len(row) > len(columns):
+        return Record(ident, failed(ident, "bad_row", f"{len(row)} fields for {len(columns)} columns"))
+    cell = row[s_col] if s_col < len(row) else ""
+    raw = {t: (row[c] if c < len(row) else None) for t, c in value_cols.items()}
+    return _record(ident, _structure_cell(cell, path.parent, ident), raw)
 
 
 def _structure_cell(cell: str, base: Path, ident: str) -> Crystal:
@@ -378,7 +387,10 @@ def read_extxyz(path: str | os.PathLike, opts: ReadOptions) -> Iterator[Record]:
         return
     for k, atoms in enumerate(frames):
         results = dict(atoms.calc.results) if atoms.calc is not None else {}
-        yield _kv_record(atoms, atoms.info, results, f"{path.stem}-{k}", opts)
+        rec = _kv_record(atoms, atoms.info, results, f"{path.stem}-{k}", opts)
+        if not opts.id_column:  # rejects name a frame without an id by its file and frame
+            rec.label = f"{path}[{k}]"
+        yield rec
 
 
 def read_ase_db(path: str | os.PathLike, opts: ReadOptions) -> Iterator[Record]:
@@ -398,7 +410,10 @@ def read_ase_db(path: str | os.PathLike, opts: ReadOptions) -> Iterator[Record]:
         return
     for row in rows:
         stored = {k: row.get(k) for k in ("energy", "free_energy", "magmom", "charge") if row.get(k) is not None}
-        yield _kv_record(row.toatoms(), row.key_value_pairs, stored, str(row.id), opts)
+        rec = _kv_record(row.toatoms(), row.key_value_pairs, stored, str(row.id), opts)
+        if not opts.id_column:  # a bare row id is named with its database
+            rec.label = f"{path} id={row.id}"
+        yield rec
 
 
 def _is_ase_db(path: Path) -> bool:
@@ -447,7 +462,10 @@ def read_json(path: str | os.PathLike, opts: ReadOptions) -> Iterator[Record]:
         return
     unique = opts.targets is not None
     if is_pymatgen_structure(data):
-        yield _pymatgen_record(data, path.stem, opts, unique)
+        rec = _pymatgen_record(data, path.stem, opts, unique)
+        if not opts.id_column:
+            rec.label = str(path)
+        yield rec
         return
     if not isinstance(data, list):
         yield unreadable(path, "expected a pymatgen Structure (Structure.as_dict()) or a JSON list of structures")
@@ -455,7 +473,10 @@ def read_json(path: str | os.PathLike, opts: ReadOptions) -> Iterator[Record]:
     for k, row in enumerate(data):
         default = f"{path.stem}-{k}"
         if is_pymatgen_structure(row):
-            yield _pymatgen_record(row, default, opts, unique)
+            rec = _pymatgen_record(row, default, opts, unique)
+            if not opts.id_column:
+                rec.label = f"{path}[{k}]"
+            yield rec
         elif isinstance(row, dict):
             rec = _json_record(row, default, opts, unique)
             if opts.targets is None:  # unlabelled lists keep naming rejects by file and row, as before
@@ -538,8 +559,16 @@ READERS = {"id_prop": read_id_prop, "table": read_table, "extxyz": read_extxyz, 
            "json": read_json}
 
 
+def cif_block_records(path: Path) -> list[Record]:
+    """One record per structure block of a multi-block CIF, named ``file.cif#block`` (the graph) and
+    ``path#block`` (its rejects); ``[]`` for any other file, which stays one input."""
+    return [Record(f"{path.name}#{b}", PendingCrystal.of(f"{path.name}#{b}", path=path, block=b), unique=False,
+                   label=f"{path}#{b}") for b in cif_blocks(path)]
+
+
 def iter_records(inputs: Sequence[str | os.PathLike], opts: ReadOptions) -> Iterator[Record | Path]:
-    """Records from labelled inputs, and paths of plain structure files (parsed later, as before)."""
+    """Records from labelled inputs, and paths of plain structure files (parsed later, as before); a CIF
+    with several structure blocks gives one record per block."""
     for item in inputs:
         path = Path(item)
         if not path.exists():
@@ -548,7 +577,8 @@ def iter_records(inputs: Sequence[str | os.PathLike], opts: ReadOptions) -> Iter
         if kind in READERS:
             yield from READERS[kind](path, opts)
         else:
-            yield from expand_inputs([path])
+            for file in expand_inputs([path]):
+                yield from cif_block_records(file) or [file]
 
 
 def read_inputs(inputs: Sequence[str | os.PathLike], opts: ReadOptions | None = None):

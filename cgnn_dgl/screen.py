@@ -43,6 +43,7 @@ import numpy as np
 from cgnn_dgl.config import ScreenConfig
 from cgnn_dgl.errors import CgnnError, UsageError
 from cgnn_dgl.fileio import atomic_write_json, atomic_write_text
+from cgnn_dgl.rundir import best_model
 from cgnn_dgl.structures import Crystal
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ log = logging.getLogger(__name__)
 MANIFEST = "screen.json"
 PARTS = "parts"
 E_HULL = "e_above_hull"
-PROBS = ("p_insulator", "p_magnetic")
+PROBS = ("p_insulator", "p_magnetic")  # the OQMD preset's class probabilities (a model's own: Layout.classes)
 UNITS = {"formation_energy": "eV/atom", "volume_per_atom": "Å^3/atom", "band_gap": "eV",
          "magnetization": "μB/atom", E_HULL: "eV/atom", "hull_energy": "eV/atom"}
 _MAX_KEYS = 1 << 62
@@ -310,12 +311,14 @@ class Predictor:
         self.ensemble = Ensemble.load(path, device=device)
         self.config = self.ensemble.config
         self.targets = tuple(self.ensemble.targets)
-        self.has_probs = bool(getattr(self.config, "classification_heads", False))
+        from cgnn_dgl.tasks import class_names
+
+        self.classes = class_names(self.config)
+        self.has_probs = bool(self.classes)
         self.is_ensemble = self.ensemble.is_ensemble
         # the checkpoint whose coordinator settings built the training graphs (member 0 of an ensemble)
         first = Path(path) / read_ensemble_json(path)["members"][0] if is_ensemble_dir(path) else Path(path)
-        if first.is_dir():
-            first = first / "best.pt"
+        first = best_model(first)
         self.params = predict.coordinator_params_for(predict.ckpt_mod.load(first))
         self.labels = _model_labels(str(first))
 
@@ -326,11 +329,15 @@ class Predictor:
 
 
 def _model_labels(path: str) -> str:
-    """'synthetic' / 'real' / 'unknown': what the model's training labels were, from its cache's ingest flags."""
+    """'synthetic' / 'real' / 'unknown': what the model's training labels were, as its checkpoint records it
+    (or, for a checkpoint older than that record, from its cache's ingest flags)."""
     try:
         from cgnn_dgl import checkpoint as ckpt_mod
 
-        cache = (ckpt_mod.load(path).get("train_config") or {}).get("cache")
+        ckpt = ckpt_mod.load(path)
+        if isinstance(ckpt.get("synthetic"), bool):  # recorded at training time (cgnn_dgl.checkpoint)
+            return "synthetic" if ckpt["synthetic"] else "real"
+        cache = (ckpt.get("train_config") or {}).get("cache")
         flags = Path(str(cache)) / "ingest_flags.csv"
         if not cache or not flags.exists():
             return "unknown"
@@ -422,6 +429,7 @@ class Layout:
     std: bool
     probs: bool
     hull: bool
+    classes: tuple[str, ...] = ("insulator", "magnetic")  # the logit columns (screen.json before: the OQMD two)
 
     @property
     def columns(self) -> list[str]:
@@ -429,21 +437,55 @@ class Layout:
         if self.std:
             cols += [f"{t}_std" for t in self.targets]
         if self.probs:
-            cols += list(PROBS)
+            cols += [f"p_{c}" for c in self.classes]
         if self.hull:
             cols += ["hull_energy", E_HULL, "decomposition"]
         return cols
 
 
 def _formula(numbers_row: np.ndarray, cache: dict) -> str:
+    """pymatgen's reduced formula of one candidate (``cache`` keeps the per-element data and repeats)."""
     z, c = np.unique(numbers_row, return_counts=True)
     key = (z.tobytes(), c.tobytes())
     f = cache.get(key)
     if f is None:
-        from pymatgen.core import Composition, Element
-
-        f = cache[key] = Composition({Element.from_Z(int(a)): int(b) for a, b in zip(z, c)}).reduced_formula
+        f = cache[key] = reduced_formula(z, c, cache)
     return f
+
+
+def reduced_formula(z: np.ndarray, counts: np.ndarray, cache: dict | None = None) -> str:
+    """``Composition(...).reduced_formula`` without building a Composition: every candidate of a screen
+    has its own composition, so pymatgen's object path cost more than the model (issue 10's 5,000/s).
+    Same ordering (electronegativity, then symbol), gcd reduction and one-less digits; the rare cases
+    pymatgen rewrites (a polyanion group, its special formulas such as O2 or Li2O2, an element without an
+    electronegativity) are handed to pymatgen itself. A property test checks it against pymatgen."""
+    from math import gcd, isnan
+
+    cache = {} if cache is None else cache
+    els = []
+    for a in z.tolist():
+        e = cache.get(("el", a))
+        if e is None:
+            from pymatgen.core import Element
+
+            el = Element.from_Z(int(a))
+            e = cache[("el", a)] = (el.symbol, float(el.X))
+        els.append(e)
+    order = sorted(range(len(els)), key=lambda k: (els[k][1], els[k][0]))
+    xs = [els[k][1] for k in order]
+    amounts = [int(counts[k]) for k in order]
+    factor = gcd(*amounts)
+    rare = any(isnan(x) for x in xs) or (len(xs) >= 3 and xs[-1] - xs[-2] < 1.65
+                                         and gcd(amounts[-1] // factor, amounts[-2] // factor) != 1)
+    text = "".join(els[k][0] + (str(a // factor) if a != factor else "") for k, a in zip(order, amounts))
+    if rare or (len(els) <= 2 and text in _SPECIAL):
+        from pymatgen.core import Composition
+
+        return Composition({els[k][0]: int(counts[k]) for k in range(len(els))}).reduced_formula
+    return text
+
+
+_SPECIAL = frozenset({"LiO", "NaO", "KO", "HO", "CsO", "RbO", "O", "N", "F", "Cl", "H"})  # pymatgen doubles these
 
 
 # ----------------------------------------------------------------------------------------- runner
@@ -462,10 +504,12 @@ class Screen:
         self.progress = progress
         if not Path(cfg.prototype).exists():
             raise UsageError(f"--prototype {cfg.prototype}: no such file")
+        from cgnn_dgl.coordinator import check_overlap
         from cgnn_dgl.structures import StructureError
 
         try:
             self.proto = read_structure_file(cfg.prototype)
+            check_overlap(self.proto, cfg.overlap_tolerance)
         except StructureError as exc:
             raise UsageError(f"--prototype {cfg.prototype}: {exc}") from None
         self.dec = Decorations.build(self.proto, cfg.sites, cfg.symprec)
@@ -491,7 +535,7 @@ class Screen:
         self.neigh = ProtoNeighbours(self.proto, rmin, rmax, self.model.params)
         self.hull: Hull | None = None
         self.layout = Layout(self.dec.named.tolist(), self.model.targets, self.model.is_ensemble,
-                             self.model.has_probs, cfg.db is not None)
+                             self.model.has_probs, cfg.db is not None, tuple(self.model.classes))
         self._formulas: dict = {}
 
     def _rank_key(self) -> str:
@@ -536,7 +580,8 @@ class Screen:
         atomic_write_text(self.out / "prototype.cif", Path(self.cfg.prototype).read_text())
         manifest = {"fingerprint": fp, "shards": sorted(shards), "layout": self.layout.__dict__,
                     "total_decorations": self.dec.total, "n_chunks": self.n_chunks,
-                    "model_targets": list(self.model.targets), "model_labels": self.model.labels}
+                    "model_targets": list(self.model.targets), "model_labels": self.model.labels,
+                    "model_units": dict(self.model.ensemble.units)}
         atomic_write_json(man_path, manifest)
         return manifest
 
@@ -617,7 +662,7 @@ class Screen:
         T = len(self.model.targets)
         if m == 0:
             return np.zeros((0, T)), (np.zeros((0, T)) if self.model.is_ensemble else None), \
-                (np.zeros((0, 2)) if self.model.has_probs else None)
+                (np.zeros((0, len(self.model.classes))) if self.model.has_probs else None)
         counts, src, dst, ratio = self.neigh.graphs(numbers)
         n_bonds = counts.reshape(m, n).sum(axis=1)
         packed = PackedGraphs.from_arrays(numbers.reshape(-1), np.full(m, n), n_bonds, src, dst,
@@ -751,8 +796,10 @@ def finish(dirs: Sequence[Path], out: Path, top: int, model_path: str | None = N
     cifs = write_top_cifs(out / "top", proto_path, tops, layout, model, labels)
     plot = plot_distribution(out / "hull_distance.png", np.asarray(values, dtype=float), rank_by, descending,
                              min(top, n), model, labels)
-    units = {c: UNITS.get(c.removesuffix("_std"), "") for c in cols}
-    units.update({"p_insulator": "probability", "p_magnetic": "probability", "rank": "1 = best"})
+    recorded = manifest.get("model_units") or {}  # as the model's checkpoint records them
+    units = {c: recorded.get(c.removesuffix("_std")) or UNITS.get(c.removesuffix("_std"), "") for c in cols}
+    units.update({f"p_{c}": "probability" for c in layout.classes})
+    units["rank"] = "1 = best"
     meta = {
         "what": "cgnn screen: symmetry-distinct decorations of a prototype, scored by a CGNN model",
         "model": model, "model_labels": labels,
@@ -888,7 +935,8 @@ def config_from_args(args) -> ScreenConfig:
     return ScreenConfig(model=args.model, prototype=args.prototype, sites=tuple(parse_site(s) for s in args.site),
                         out=args.out, top=args.top, db=args.db, rank_by=args.rank_by, descending=args.descending,
                         shard=parse_shard(args.shard), chunk_size=args.chunk_size, batch_size=args.batch_size,
-                        device=args.device, selection=args.selection, symprec=args.symprec)
+                        device=args.device, selection=args.selection, symprec=args.symprec,
+                        overlap_tolerance=args.overlap_tolerance)
 
 
 def _cmd_screen(args) -> int:
@@ -951,6 +999,9 @@ def register(sub) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--symprec", type=float, default=1e-3, help="spglib tolerance for the prototype's symmetry (Å)")
+    from cgnn_dgl.pipeline import add_overlap_arg
+
+    add_overlap_arg(p)
     p.set_defaults(func=_cmd_screen_or_merge)
     p.add_argument("merge_dirs", nargs="*", metavar="merge DIR", help=argparse_suppress())
 
@@ -974,8 +1025,6 @@ def _cmd_screen_or_merge(args) -> int:
     missing = [f for f, v in (("--model", args.model), ("--prototype", args.prototype), ("--out", args.out)) if not v]
     if missing:
         raise UsageError(f"missing {', '.join(missing)}")
-    model = Path(args.model)
-    if model.is_dir() and (model / "best.pt").exists():
-        args.model = str(model / "best.pt")
+    args.model = str(best_model(args.model))
     return _cmd_screen(args)
 

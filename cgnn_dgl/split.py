@@ -1,4 +1,5 @@
-"""The reference's formula-grouped train / val / test split, persisted as ``split.json``.
+"""Train / val / test splits (``train.split``): the reference's formula-grouped one (the default), a
+seeded random one, or a user's split file keyed by id; persisted as the run's ``split.json``.
 
 Reference semantics (``OQMD/oqmd.py data``, docs/cgnn-reference.md §2.2):
 
@@ -8,6 +9,11 @@ Reference semantics (``OQMD/oqmd.py data``, docs/cgnn-reference.md §2.2):
   ``np.random.RandomState(12345).shuffle``);
 * test = the first ``int(0.1 n)`` formulas, val = the next ``int(0.1 n)``, train = the rest + unary;
 * an entry goes where its formula went, so no formula is shared between two parts.
+
+``random`` shuffles the rows with ``numpy.random.default_rng(split_seed)``: test = the first
+``int(test_fraction n)``, val = the next ``int(val_fraction n)``, train = the rest. A user's split file
+(:func:`read_split_file`) is JSON ``{"train": [ids], "val": [...], "test": [...]}`` or a CSV with columns
+``id,split``; ids are the cache's names (the id column, file stem or row id) or its entry ids.
 
 Index arrays are returned in row order. On disk the split is keyed by entry id (or by name when entry ids
 are missing or repeated) so it survives a rebuilt or reordered cache.
@@ -121,6 +127,88 @@ def load_split(path: str | os.PathLike, entry_ids, names) -> dict[str, np.ndarra
     if missing:
         log.warning("split %s: %d of its entries are not in the cache and are skipped", path, missing)
     left = len(lookup) - used
+    if left > 0:
+        log.warning("split %s: %d cache entries are in no part of the split and are not used", path, left)
+    return out
+
+
+SPLIT_METHODS = ("formula", "random", "file")
+
+
+def random_split(n: int, seed: int = 12345, val_fraction: float = 0.1,
+                 test_fraction: float = 0.1) -> dict[str, np.ndarray]:
+    """Row indices of a seeded random train / val / test split of ``n`` rows (no grouping)."""
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise UsageError(f"bad split fractions val={val_fraction} test={test_fraction}")
+    perm = np.random.default_rng(seed).permutation(n)
+    n_test, n_val = int(test_fraction * n), int(val_fraction * n)
+    return {"test": np.sort(perm[:n_test]), "val": np.sort(perm[n_test:n_test + n_val]),
+            "train": np.sort(perm[n_test + n_val:])}
+
+
+def _read_user_parts(path: Path) -> tuple[dict[str, list[str]], str | None]:
+    """{part: [id, ...]} and the declared key (JSON ``key``) of a user's split file."""
+    import csv
+
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise UsageError(f"split file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read split file {path}: {exc}") from None
+    if path.suffix.lower() == ".json":
+        try:
+            doc = json.loads(text)
+        except ValueError as exc:
+            raise UsageError(f"cannot read split file {path}: {exc}") from None
+        if not isinstance(doc, dict) or not all(isinstance(doc.get(p, []), list) for p in PARTS) \
+                or not any(p in doc for p in PARTS):
+            raise UsageError(f"{path}: not a split file (needs lists 'train', 'val', 'test')")
+        return {p: [str(k) for k in doc.get(p, [])] for p in PARTS}, doc.get("key")
+    rows = list(csv.reader(text.splitlines()))
+    header = [h.strip().lower() for h in rows[0]] if rows else []
+    id_col = next((header.index(c) for c in ("id", "name", "entry_id", "material_id") if c in header), None)
+    part_col = next((header.index(c) for c in ("split", "part", "set") if c in header), None)
+    if id_col is None or part_col is None:
+        raise UsageError(f"{path}: a CSV split file needs a header with columns id and split (got {rows[0] if rows else 'nothing'})")
+    parts: dict[str, list[str]] = {p: [] for p in PARTS}
+    for line, row in enumerate(rows[1:], start=2):
+        if not row or not any(c.strip() for c in row):
+            continue
+        part = row[part_col].strip().lower() if len(row) > part_col else ""
+        if part not in parts:
+            raise UsageError(f"{path} line {line}: split {part!r} is not one of train, val, test")
+        parts[part].append(row[id_col].strip())
+    return parts, ("entry_id" if header[id_col] == "entry_id" else None)
+
+
+def read_split_file(path: str | os.PathLike, entry_ids, names) -> dict[str, np.ndarray]:
+    """A user's split file (``train.split: file``) mapped onto the cache's rows. Ids are matched to the
+    cache's names, or to its entry ids when that is what they are; an id the cache lacks or one given
+    twice is a usage error (listing a few), cache rows the file leaves out are unused (with a warning)."""
+    path = Path(path)
+    parts, key = _read_user_parts(path)
+    given = [k for p in PARTS for k in parts[p]]
+    if not given:
+        raise UsageError(f"{path}: the split file names no ids")
+    seen: set[str] = set()
+    twice = [k for k in given if k in seen or seen.add(k)]
+    if twice:
+        raise UsageError(f"{path}: {len(twice)} id(s) given more than once: {', '.join(twice[:5])}")
+    by_name = {str(n): i for i, n in enumerate(names)}
+    by_id = {str(int(e)): i for i, e in enumerate(np.asarray(entry_ids).reshape(-1)) if int(e) >= 0}
+    if key == "entry_id":
+        lookup = by_id
+    elif key == "name":
+        lookup = by_name
+    else:  # names unless the ids are entry ids and not names
+        lookup = by_name if sum(k in by_name for k in given) >= sum(k in by_id for k in given) else by_id
+    unknown = [k for k in given if k not in lookup]
+    if unknown:
+        raise UsageError(f"{path}: {len(unknown)} of its {len(given)} ids are not in the cache: "
+                         f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
+    out = {p: np.sort(np.asarray([lookup[k] for k in parts[p]], dtype=np.int64)) for p in PARTS}
+    left = len(names) - len(given)
     if left > 0:
         log.warning("split %s: %d cache entries are in no part of the split and are not used", path, left)
     return out

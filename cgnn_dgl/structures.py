@@ -91,20 +91,28 @@ def as_crystal(obj, name: str = "") -> Crystal:
     return Crystal.from_pymatgen(obj, name=name)
 
 
-def read_structure_file(path: str | os.PathLike) -> Crystal:
-    """Parse one CIF or POSCAR file into a :class:`Crystal` (first block of a multi-block CIF)."""
+def read_structure_file(path: str | os.PathLike, block: str | None = None) -> Crystal:
+    """Parse one CIF or POSCAR file into a :class:`Crystal`; ``block`` picks one data block of a CIF with
+    several structures (see :func:`cif_blocks`; without it, the first structure)."""
     import warnings
 
     from pymatgen.core import Structure
 
     path = Path(path)
+    where = f"{path}#{block}" if block is not None else str(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if path.name.lower().endswith((".cif", ".cif.gz")):
-                from pymatgen.io.cif import CifParser
+                from pymatgen.io.cif import CifFile, CifParser
 
-                structs = CifParser(str(path)).parse_structures(primitive=False)
+                if block is None:
+                    structs = CifParser(str(path)).parse_structures(primitive=False)
+                else:
+                    data = CifFile.from_str(path.read_text(errors="replace")).data
+                    if block not in data:
+                        raise ValueError(f"no data block {block!r}")
+                    structs = CifParser.from_str(str(data[block])).parse_structures(primitive=False)
                 if not structs:
                     raise ValueError("no structure in CIF")
                 structure = structs[0]
@@ -113,8 +121,28 @@ def read_structure_file(path: str | os.PathLike) -> Crystal:
     except StructureError:
         raise
     except Exception as exc:  # pymatgen raises many types for malformed files
-        raise StructureError("parse_error", f"{path}: cannot parse ({type(exc).__name__}: {exc})") from None
+        raise StructureError("parse_error", f"{where}: cannot parse ({type(exc).__name__}: {exc})") from None
+    if block is not None:
+        return Crystal.from_pymatgen(structure, name=f"{path.name}#{block}")
     return Crystal.from_pymatgen(structure, name=path.stem if path.name not in STRUCTURE_NAMES else str(path))
+
+
+def cif_blocks(path: str | os.PathLike) -> list[str]:
+    """Names of the data blocks of a plain ``.cif`` file that hold atom sites, when there are two or more
+    (each becomes its own input, ``file.cif#block``); ``[]`` for a single-structure CIF, anything else, or
+    an unreadable file (which then fails, as before, when it is parsed). A cheap text scan: no parsing."""
+    import re
+
+    path = Path(path)
+    if not path.name.lower().endswith(".cif"):
+        return []
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return []
+    parts = re.split(r"(?im)^[ \t]*data_(\S+)[^\n]*$", text)
+    blocks = [parts[k] for k in range(1, len(parts) - 1, 2) if "_atom_site_" in parts[k + 1].lower()]
+    return blocks if len(blocks) > 1 else []
 
 
 def crystals_from_json(path: str | os.PathLike) -> Iterator[Crystal | StructureError]:

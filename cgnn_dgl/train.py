@@ -1,16 +1,9 @@
 """`cgnn train`: one CGNN trunk, one regression head per target, masked multitask losses.
 
-Run folder (``--out``)::
-
-    config.yaml     the resolved run config (model + train)
-    split.json      the train/val/test split, keyed by entry id (or name); reused on resume
-    last.pt         full state after the latest epoch (weights, optimizer, scheduler, RNG, history, ...)
-    best.pt         the model with the best validation score so far (what evaluate/predict use)
-    history.csv     epoch, lr, time, train/val loss, train/val MAE per target, val score
-
-Every file is written atomically (temporary file, fsync, rename), so ``kill -9`` at any moment leaves a
-consistent run, and ``cgnn train --out RUN --resume`` continues exactly where it stopped: with the same
-seeds on CPU the weights equal those of an uninterrupted run bit for bit.
+The run folder (``--out``) is laid out as :mod:`cgnn_dgl.rundir` describes. Every file is written
+atomically, so ``kill -9`` at any moment leaves a consistent run, and ``cgnn train --out RUN --resume``
+continues exactly where it stopped: with the same seeds on CPU the weights equal those of an
+uninterrupted run bit for bit.
 
 Loss: for every used target k, the mean squared error (``loss: mse``, the reference; ``l1`` and ``huber``
 are options, per target with ``target_loss``) over the crystals that have a label for k, in
@@ -49,17 +42,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cgnn_dgl import TARGETS
 from cgnn_dgl import checkpoint as ckpt_mod
-from cgnn_dgl.config import RunConfig, TrainConfig, load_run_config
+from cgnn_dgl.config import MODEL_PRESETS, RunConfig, TrainConfig, load_run_config
 from cgnn_dgl.errors import CgnnError, UsageError
 from cgnn_dgl.fileio import atomic_write_text
+from cgnn_dgl.rundir import BEST, CONFIG, HISTORY, LAST, SPLIT, resolve_device
 from cgnn_dgl.step import CompileFallback, autocast, maybe_compile, set_deterministic
 
 log = logging.getLogger(__name__)
-
-LAST, BEST, CONFIG, SPLIT, HISTORY = "last.pt", "best.pt", "config.yaml", "split.json", "history.csv"
-
 
 # --------------------------------------------------------------------------------------------------
 # distributed helpers
@@ -123,20 +113,21 @@ def shard_indices(indices: np.ndarray, rank: int, world: int) -> np.ndarray:
 # pieces shared with evaluate / predict
 
 
-def resolve_device(name: str, dist: Dist | None = None) -> torch.device:
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UsageError(f"device {name!r} requested but CUDA is not available (torch {torch.__version__})")
-        if dist is not None and dist.enabled and name == "cuda":
-            return torch.device("cuda", dist.local_rank)
-        return torch.device(name)
-    if name != "cpu":
-        raise UsageError(f"unknown device {name!r}; expected cpu or cuda")
-    return torch.device("cpu")
+def target_columns(names, held) -> list[int]:
+    """Indices of the target ``names`` among a cache's columns ``held`` (its manifest's targets); a one-line
+    error naming what the cache holds when any is missing."""
+    held = list(held)
+    missing = [n for n in names if n not in held]
+    if missing:
+        raise UsageError(f"the cache has no target {', '.join(missing)}; it holds {', '.join(held) or 'none'}")
+    return [held.index(n) for n in names]
 
 
-def target_columns(model_targets) -> list[int]:
-    return [TARGETS.index(t) for t in model_targets]
+def run_tasks(cfg: RunConfig, packed=None):
+    """The :class:`~cgnn_dgl.tasks.TaskSet` of a run (units from the cache when given)."""
+    from cgnn_dgl.tasks import TaskSet
+
+    return TaskSet.from_configs(cfg.model, cfg.train, packed.units if packed is not None else None)
 
 
 def batch_tensors(g, idx_cols: list[int], device: torch.device, backend: str):
@@ -189,44 +180,29 @@ class HeadsModule(torch.nn.Module):
 
 def target_stats(y: np.ndarray, mask: np.ndarray, standardize: bool) -> tuple[np.ndarray, np.ndarray]:
     """Per-column mean / std over labelled rows (mean 0, std 1 when not standardising or unlabelled)."""
-    n_cols = y.shape[1]
-    mean, std = np.zeros(n_cols), np.ones(n_cols)
-    if not standardize:
-        return mean, std
-    for k in range(n_cols):
-        v = y[mask[:, k], k]
-        if len(v) >= 1:
-            mean[k] = v.mean()
-        if len(v) >= 2 and v.std() > 1e-12:
-            std[k] = v.std()
-    return mean, std
+    from cgnn_dgl.tasks import Task, TaskSet
+
+    tasks = TaskSet(tuple(Task(f"t{k}", standardise=standardize) for k in range(y.shape[1])))
+    return tasks.target_stats(y, mask)
+
+
+def _oqmd_tasks(model_targets, train: TrainConfig):
+    from cgnn_dgl.config import ModelConfig
+    from cgnn_dgl.tasks import TaskSet
+
+    return TaskSet.from_configs(ModelConfig(targets=tuple(model_targets), classification_heads=True), train)
 
 
 def class_labels(y: torch.Tensor, mask: torch.Tensor, model_targets, train: TrainConfig):
-    """Labels (insulator, magnetic) and their masks from the band-gap / magnetization columns of ``y``."""
-    n = y.shape[0]
-    labels = torch.zeros(n, 2, device=y.device)
-    lmask = torch.zeros(n, 2, dtype=torch.bool, device=y.device)
-    for j, (name, thr) in enumerate((("band_gap", train.gap_threshold), ("magnetization", train.mag_threshold))):
-        if name in model_targets:
-            k = list(model_targets).index(name)
-            labels[:, j] = (y[:, k] > thr).float()
-            lmask[:, j] = mask[:, k]
-    return labels, lmask
+    """Labels (insulator, magnetic) and their masks from the band-gap / magnetization columns of ``y``
+    (the OQMD preset's heads; a run asks its own :class:`~cgnn_dgl.tasks.TaskSet`)."""
+    return _oqmd_tasks(model_targets, train).binary_labels(y, mask)
 
 
 def class_task_weights(y_train: np.ndarray, m_train: np.ndarray, model_targets, train: TrainConfig) -> torch.Tensor:
-    """1 per classification head (insulator, magnetic), 0 for a task whose training labels are all one class
-    (or absent): such a head can only learn a constant, and its loss would pull on the trunk for nothing."""
-    w = torch.ones(2)
-    labels, lmask = class_labels(torch.as_tensor(y_train), torch.as_tensor(m_train), model_targets, train)
-    for j, task in enumerate(("metal/insulator", "magnetic")):
-        lab = labels[lmask[:, j], j]
-        if lab.numel() == 0 or bool((lab == lab[0]).all()):
-            w[j] = 0.0
-            what = "no labels" if lab.numel() == 0 else f"only class {int(lab[0])} ({lab.numel()} labels)"
-            log.warning("classification task %s: %s in the training split; its loss is off (weight 0)", task, what)
-    return w
+    """1 per OQMD classification head (insulator, magnetic), 0 for a task whose training labels are all one
+    class (or absent); see :meth:`cgnn_dgl.tasks.TaskSet.head_weights`."""
+    return _oqmd_tasks(model_targets, train).head_weights(y_train, m_train)
 
 
 def build_optimizer(params, t: TrainConfig) -> torch.optim.Optimizer:
@@ -272,9 +248,11 @@ class Trainer:
         self.packed, self.split = packed, split
         self.dist = dist or Dist()
         self.device = resolve_device(self.t.device, self.dist)
-        self.model_targets = list(cfg.model.targets)
-        self.cols = target_columns(self.model_targets)
-        self.used = [self.model_targets.index(t) for t in self.t.used_targets(self.model_targets)]
+        self.tasks = run_tasks(cfg, packed)
+        self.model_targets = list(self.tasks.names)
+        # the batch's label columns: the regression targets, then any 0/1 label columns of binary tasks
+        self.cols = self.tasks.columns(packed.targets, f"the cache {self.t.cache}")
+        self.used = [self.model_targets.index(t) for t in self.tasks.used]
 
         set_deterministic(self.t.deterministic)
         torch.manual_seed(self.t.seed)
@@ -282,27 +260,31 @@ class Trainer:
         self.np_rng = np.random.default_rng(self.t.seed)
 
         train_idx = split["train"]
+        T = len(self.model_targets)
         y_tr = packed.y[train_idx][:, self.cols]
         m_tr = packed.y_mask[train_idx][:, self.cols]
-        mean, std = target_stats(y_tr, m_tr, self.t.standardize)
+        self.tasks.check_binary_labels(y_tr, m_tr)
+        mean, std = self.tasks.target_stats(y_tr[:, :T], m_tr[:, :T])
         self.model = CGNN(cfg.model)
         self.model.set_target_stats(mean, std)
+        # fine-tuning: the init's trunk and matching heads (a resumed run has them in its last.pt already)
+        self.init_record = None
+        if self.t.init and resume_state is None:
+            from cgnn_dgl.finetune import apply_init, read_init
+
+            self.init_record = apply_init(self.model, read_init(self.t.init, self.t.init_arch))
         self.model.to(self.device)
+        # what the checkpoints record: the tasks with their standardisation, and the cache's coordinator
+        # parameters and label provenance (so that predict builds graphs as the training cache did)
+        self.record = {**ckpt_mod.cache_record(self.t.cache), "tasks": self.tasks.record(mean, std)} \
+            if self.t.cache else {"tasks": self.tasks.record(mean, std)}
         # loss weights: used targets only; normalised by the weights of targets labelled in train
-        w = torch.zeros(len(self.model_targets))
-        for k in self.used:
-            w[k] = self.t.weight(self.model_targets[k])
-        labelled = torch.as_tensor(m_tr.any(axis=0))
-        denom = float((w * labelled).sum())
-        self.loss_w = (w / (denom if denom > 0 else 1.0)).to(self.device)
-        # element-wise loss per target column: 0 = squared error, 1 = absolute, 2 = Huber (delta 1)
-        kinds = {"mse": 0, "l1": 1, "huber": 2}
-        self.loss_kind = torch.tensor([kinds[self.t.loss_of(t)] for t in self.model_targets], device=self.device)
-        self.robust_loss = any(self.t.loss_of(t) != "mse" for t in self.model_targets)  # known on the host
-        self.has_cls = bool(getattr(cfg.model, "classification_heads", False))
-        self.cls_w = torch.ones(2, device=self.device)
+        self.loss_w = self.tasks.loss_weights(m_tr[:, :T].any(axis=0)).to(self.device)
+        self.reg_loss = self.tasks.regression_loss(self.device)
+        self.has_cls = bool(self.tasks.heads)
+        self.cls_w = torch.ones(len(self.tasks.heads), device=self.device)
         if self.has_cls:
-            self.cls_w = class_task_weights(y_tr, m_tr, self.model_targets, self.t).to(self.device)
+            self.cls_w = self.tasks.head_weights(y_tr, m_tr).to(self.device)
 
         self.flat = use_flat_loader(self.t, self.device)
         self.heads = HeadsModule(self.model)
@@ -312,6 +294,9 @@ class Trainer:
             self.net = torch.nn.parallel.DistributedDataParallel(self.heads, device_ids=None)
         self.runner = CompileFallback(maybe_compile(self.net, self.t.compile), self.net)
         self.opt = build_optimizer(self.model.parameters(), self.t)
+        from cgnn_dgl.finetune import trunk_modules, trunk_parameters
+
+        self._trunk_params, self._trunk_modules = trunk_parameters(self.model), trunk_modules(self.model)
         self.sched = build_scheduler(self.opt, self.t)
         self.epoch = 0
         self.best_score = math.inf
@@ -333,6 +318,7 @@ class Trainer:
         self.best_epoch = int(st["best_epoch"])
         self.since_best = int(st["epochs_since_best"])
         self.history = list(st.get("history", []))
+        self.init_record = st.get("init")
 
     def state(self) -> dict:
         return ckpt_mod.make_checkpoint(
@@ -347,7 +333,18 @@ class Trainer:
             epochs_since_best=self.since_best,
             history=self.history,
             world_size=self.dist.world,
+            **self.record,
+            init=self.init_record,
         )
+
+    def _freeze_trunk(self, frozen: bool) -> None:
+        """During ``train.freeze_trunk_epochs`` the trunk runs in eval mode (batch-norm statistics stay) and,
+        outside DDP (which needs a fixed set of gradients), computes no gradients at all."""
+        for m in self._trunk_modules:
+            m.train(not frozen)
+        if not self.dist.enabled:
+            for p in self._trunk_params:
+                p.requires_grad_(not frozen)
 
     # -- one pass ----------------------------------------------------------------------------------
     def _batches(self, idx: np.ndarray, bs: int):
@@ -372,8 +369,10 @@ class Trainer:
         acc = torch.zeros(2 + 4 * T, dtype=torch.float64, device=self.device)
         std = self.model.target_std.to(self.device).float()
         mean = self.model.target_mean.to(self.device).float()
+        frozen = train and self.epoch < self.t.freeze_trunk_epochs
         if train:
             self.net.train()
+            self._freeze_trunk(frozen)
             idx = shard_indices(indices[self.np_rng.permutation(len(indices))], self.dist.rank, self.dist.world)
             bs = max(1, self.t.batch_size // self.dist.world)
             if self.t.record_seen and self.epoch == 0:
@@ -388,37 +387,31 @@ class Trainer:
                        disable=(not self.t.progress or not self.dist.main) or None)
         ctx = torch.enable_grad() if train else torch.no_grad()
         with ctx:
-            for z, gi, y, mask in self._batches(idx, bs):
+            for z, gi, y_all, mask_all in self._batches(idx, bs):
+                # label columns: the T regression targets first, then 0/1 label columns of binary tasks
+                y, mask = (y_all, mask_all) if y_all.shape[1] == T else (y_all[:, :T], mask_all[:, :T])
                 ys = (y - mean) / std
                 maskf = mask.float()
                 cnt = maskf.sum(0)
 
-                def attempt(net, z=z, gi=gi, y=y, mask=mask, ys=ys, maskf=maskf, cnt=cnt):
+                def attempt(net, z=z, gi=gi, y=y, y_all=y_all, mask_all=mask_all, ys=ys, maskf=maskf, cnt=cnt):
                     with autocast(self.device, self.t.amp):
                         out = net(z, gi)
                     reg, logits = split_output(out)
                     reg = reg.float().reshape(y.shape[0], -1)  # the loss is always taken in float32
-                    diff = reg - ys
-                    sq = diff ** 2 * maskf
-                    elem = sq
-                    if self.robust_loss:
-                        ad = diff.abs()
-                        huber = torch.where(ad < 1.0, 0.5 * diff ** 2, ad - 0.5)
-                        elem = torch.where(self.loss_kind == 1, ad, torch.where(self.loss_kind == 2, huber, diff ** 2)) * maskf
-                    per_t = elem.sum(0) / cnt.clamp(min=1.0)
-                    loss = (per_t * self.loss_w).sum()
+                    loss, sq = self.reg_loss(reg, ys, maskf, cnt, self.loss_w)
                     if self.has_cls and logits is not None:
-                        labels, lmask = class_labels(y, mask, self.model_targets, self.t)
-                        bce = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), labels, reduction="none")
-                        lm = lmask.float()
-                        per_c = (bce * lm).sum(0) / lm.sum(0).clamp(min=1.0)
-                        loss = loss + self.t.classification_weight * (per_c * self.cls_w).sum()
+                        labels, lmask = self.tasks.binary_labels(y_all, mask_all)
+                        loss = loss + self.tasks.binary_loss(logits, labels, lmask, self.cls_w)
                     if train:
                         self.opt.zero_grad(set_to_none=True)
                         loss.backward()
                     return reg, sq, loss
 
                 reg, sq, loss = self.runner(attempt) if train else attempt(self.heads)
+                if frozen:  # no gradient, so the optimizer leaves the trunk alone (also under DDP)
+                    for p in self._trunk_params:
+                        p.grad = None
                 if train:
                     if self.t.clip_value > 0:
                         torch.nn.utils.clip_grad_value_(self.model.parameters(), self.t.clip_value)
@@ -497,7 +490,8 @@ class Trainer:
 
     def _best_state(self) -> dict:
         return ckpt_mod.make_checkpoint(self.model, self.cfg.model, train_config=self.t.to_dict(), epoch=self.epoch,
-                                        best_score=self.best_score, best_epoch=self.best_epoch)
+                                        best_score=self.best_score, best_epoch=self.best_epoch, **self.record,
+                                        init=self.init_record)
 
 
 def write_history(path: Path, history: list[dict]) -> None:
@@ -527,11 +521,20 @@ def load_cache(path: str | None):
     return load_packed(p)
 
 
-def make_split(packed, t: TrainConfig) -> dict[str, np.ndarray]:
-    from cgnn_dgl.split import formula_split, load_split
+def split_method(t: TrainConfig) -> str:
+    """formula | random | file (a split_file always means file)."""
+    return "file" if t.split_file else t.split
 
-    if t.split_file:
-        return load_split(t.split_file, packed.entry_id, packed.names)
+
+def make_split(packed, t: TrainConfig) -> dict[str, np.ndarray]:
+    from cgnn_dgl.split import formula_split, random_split, read_split_file
+
+    method = split_method(t)
+    if method == "file":
+        return read_split_file(t.split_file, packed.entry_id, packed.names)
+    if method == "random":
+        return random_split(len(packed), seed=t.split_seed, val_fraction=t.val_fraction,
+                            test_fraction=t.test_fraction)
     import warnings
 
     with warnings.catch_warnings():  # pymatgen warns about noble-gas electronegativities
@@ -561,8 +564,8 @@ def prepare_run(cfg: RunConfig, run_dir: Path, resume: bool, dist: Dist):
     else:
         split = make_split(packed, cfg.train)
         if dist.main:
-            save_split(split_path, split, packed.entry_id, packed.names, method="formula",
-                       seed=cfg.train.split_seed, source=str(cfg.train.split_file or "formula_split"))
+            save_split(split_path, split, packed.entry_id, packed.names, method=split_method(cfg.train),
+                       seed=cfg.train.split_seed, source=str(cfg.train.split_file or f"{split_method(cfg.train)}_split"))
     return packed, split, state
 
 
@@ -575,8 +578,10 @@ def check_trainable(cfg: RunConfig, packed, split: dict[str, np.ndarray]) -> Non
     sizes = f"{n_tr} train / {n_va} val / {n_te} test crystals"
     if n_tr == 0:
         raise CgnnError(f"the training split is empty ({sizes}); build the cache from more structures")
-    used = t.used_targets(cfg.model.targets)
-    if not packed.y_mask[split["train"]][:, target_columns(used)].any():
+    tasks = run_tasks(cfg, packed)
+    tasks.columns(packed.targets, f"the cache {t.cache}")  # every target of the config is in the cache
+    used = list(tasks.used)
+    if not packed.y_mask[split["train"]][:, target_columns(used, packed.targets)].any():
         raise CgnnError(f"no crystal of the training split ({n_tr}) has a label for {', '.join(used)}; build the "
                         "cache from labelled data (e.g. `cgnn ingest`) or pick labelled targets with "
                         "--set train.targets=[...]")
@@ -586,6 +591,22 @@ def check_trainable(cfg: RunConfig, packed, split: dict[str, np.ndarray]) -> Non
                             "crystals, raise train.val_fraction, give train.split_file, or pass "
                             "--set train.val_fraction=0 to select the model on the training score")
         log.warning("no validation crystals (train.val_fraction=0): the best model is chosen on the training score")
+    constant = constant_targets(packed, split["train"], used)
+    if constant:
+        log.warning("target(s) constant in the training split (%s): nothing to learn for them beyond that value; "
+                    "drop them with --set train.targets=[...]", ", ".join(f"{t} = {v:.6g}" for t, v in constant.items()))
+
+
+def constant_targets(packed, train_idx: np.ndarray, names) -> dict[str, float]:
+    """The targets whose labels in the training split all share one value (issue 8), e.g. magnetization,
+    0 for every Perov-5 crystal: {name: value}."""
+    out = {}
+    y, mask = packed.y[train_idx], packed.y_mask[train_idx].astype(bool)
+    for name, col in zip(names, target_columns(names, packed.targets)):
+        vals = y[mask[:, col], col]
+        if vals.size >= 2 and float(vals.max()) == float(vals.min()):
+            out[name] = float(vals[0])
+    return out
 
 
 def train_run(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
@@ -603,6 +624,10 @@ def train_run(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict
             raise UsageError("train.epochs is 0, so nothing would be trained; set train.epochs to 1 or more")
         if (run_dir / LAST).is_file() and not resume:  # checked by every rank, so none waits forever
             raise UsageError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+        if cfg.train.init and not (run_dir / LAST).is_file():  # a resumed run's config.yaml has it already
+            from cgnn_dgl.finetune import init_model_config, read_init
+
+            cfg.model = init_model_config(cfg.model, read_init(cfg.train.init, cfg.train.init_arch))
         if dist.main:
             run_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(run_dir / CONFIG)
@@ -619,6 +644,11 @@ def train_run(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict
                      f", {dist.world} processes" if dist.enabled else "")
             if state is not None:
                 log.info("resuming after epoch %d (best epoch %d)", state["epoch"], state["best_epoch"])
+            from cgnn_dgl.checkpoint import cache_record
+
+            if cache_record(cfg.train.cache)["synthetic"]:
+                log.warning("the cache's labels are SYNTHETIC (cgnn db synth): this model shows the pipeline "
+                            "works, not physics")
         check_trainable(cfg, packed, split)
         trainer = Trainer(cfg, run_dir, packed, split, dist, resume_state=state)
         summary = trainer.fit()
@@ -638,6 +668,18 @@ def train_run(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict
 
 def _cmd_train(args) -> int:
     overrides = list(args.set or [])
+    if getattr(args, "targets", None):
+        import json
+
+        names = [n.strip() for n in args.targets.split(",") if n.strip()]
+        if not names:
+            raise UsageError(f"--targets {args.targets!r}: expected names separated by commas, e.g. heat_all,dir_gap")
+        overrides.append("model.targets=" + json.dumps(names))  # JSON is YAML: names stay strings
+    if args.init or args.arch:  # as overrides, so the config is checked with them (freeze_trunk_epochs needs init)
+        import json
+
+        overrides += [f"train.{key}={json.dumps(value)}" for key, value in
+                      (("init", args.init), ("init_arch", args.arch)) if value]
     run_dir = Path(args.out) if args.out else None
     if args.resume:
         if run_dir is None:
@@ -655,8 +697,8 @@ def _cmd_train(args) -> int:
         if args.config is None:
             raise UsageError("--config FILE is required (or --resume --out RUNDIR)")
         config_path = args.config
-    cfg = load_run_config(config_path, overrides, check_files=not (args.resume and run_dir is not None
-                                                                   and (run_dir / SPLIT).is_file()))
+    check_files = not (args.resume and run_dir is not None and (run_dir / SPLIT).is_file())
+    cfg = load_run_config(config_path, overrides, check_files=check_files)
     if args.cache:
         cfg.train.cache = args.cache
     if args.device:
@@ -666,6 +708,13 @@ def _cmd_train(args) -> int:
     cfg.train.out_dir = str(run_dir)
     if args.workers is not None:
         cfg.train.workers = args.workers
+    if args.init:
+        cfg.train.init = args.init
+    if args.arch:
+        cfg.train.init_arch = args.arch
+    if cfg.train.init_arch and not cfg.train.init:
+        raise UsageError("--arch names the model of an --init state_dict (an official reference .pth); give --init")
+    cfg.train.validate(cfg.model.targets, check_files=check_files)
     if cfg.train.ensemble > 1:
         from cgnn_dgl.ensemble import ENSEMBLE_JSON, train_ensemble
 
@@ -691,9 +740,17 @@ def register(sub) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.lr=5e-4 --set model.n_conv=3 (repeatable)")
     p.add_argument("--cache", metavar="DIR", help="graph cache (overrides train.cache)")
+    p.add_argument("--targets", metavar="A,B",
+                   help="regression targets, any columns the cache holds, e.g. heat_all,dir_gap "
+                        "(same as --set 'model.targets=[heat_all, dir_gap]')")
     p.add_argument("--out", metavar="RUNDIR", help="run folder (overrides train.out_dir)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="overrides train.device")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    p.add_argument("--init", metavar="CKPT",
+                   help="fine-tune: start from the trunk of this model (RUN/best.pt, or an official reference "
+                        "state_dict with --arch); heads of targets it lacks are fresh (sets train.init)")
+    p.add_argument("--arch", choices=list(MODEL_PRESETS),
+                   help="the preset of an --init reference state_dict (sets train.init_arch)")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="ensembles (train.ensemble > 1): train N members at a time in separate processes "
                         "(overrides train.workers)")

@@ -11,20 +11,11 @@ import os
 from contextlib import contextmanager
 
 from cgnn_dgl.errors import CgnnError, UsageError
+from cgnn_dgl.errors import positive_int as _positive
 
 DB_HELP = ("database URL, e.g. mysql+pymysql://reader@127.0.0.1:3306/qmdb or sqlite:///demo/oqmd.sqlite "
            "(a bare path is an SQLite file); default $CGNN_DB_URL. Put the password in $CGNN_DB_PASSWORD "
            "rather than in the URL")
-
-
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
-    return v
 
 
 def _fraction(text: str) -> float:

@@ -14,25 +14,36 @@ mkdir -p "$OUT"
 DB="sqlite:///$OUT/oqmd.sqlite"
 start=$(date +%s)
 
-echo "== 1/6 synthetic OQMD-shaped SQLite database ($ENTRIES entries)"
+echo "== 1/7 synthetic OQMD-shaped SQLite database ($ENTRIES entries)"
 $CGNN db init --db "$DB"
 $CGNN db synth --db "$DB" --entries "$ENTRIES" --seed 0 --bad-fraction 0.02
 
-echo "== 2/6 ingest: database -> crystal graphs -> cache"
+echo "== 2/7 ingest: database -> crystal graphs -> cache"
 $CGNN ingest --db "$DB" --out "$OUT/cache" --workers 2
 
-echo "== 3/6 train four heads (formation energy, volume/atom, band gap, magnetization) on $DEVICE"
+echo "== 3/7 train four heads (formation energy, volume/atom, band gap, magnetization) on $DEVICE"
 $CGNN train --config configs/demo.yaml --cache "$OUT/cache" --out "$OUT/run" --device "$DEVICE"
 
-echo "== 4/6 evaluate on the held-out test split"
+echo "== 4/7 evaluate on the held-out test split"
 $CGNN evaluate --run "$OUT/run" --device "$DEVICE"
 
-echo "== 5/6 predict one CIF (a bundled AFLOW prototype)"
+echo "== 5/7 predict one CIF (a bundled AFLOW prototype)"
 $CGNN examples --out "$OUT/cif" --limit 1
 $CGNN predict --model "$OUT/run/best.pt" "$OUT/cif" --out "$OUT/predictions.csv"
 cat "$OUT/predictions.csv"
 
-echo "== 6/6 metrics (SYNTHETIC labels)"
+echo "== 6/7 screen: cubic perovskite ABX3 decorated from element pools, ranked on the hull of the database"
+$PY - "$OUT/perovskite.cif" <<'PY'
+import sys
+from pymatgen.core import Lattice, Structure
+Structure(Lattice.cubic(3.9), ["Sr", "Ti", "O", "O", "O"],
+          [[0, 0, 0], [0.5, 0.5, 0.5], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]]).to(filename=sys.argv[1])
+PY
+$CGNN screen --model "$OUT/run" --prototype "$OUT/perovskite.cif" --site 0=Li,Na,K,Ca,Sr,Ba --site 1=Ti,Zr,Nb,Ta \
+    --site 2,3,4=O,N,F --db "$DB" --out "$OUT/screen" --top 5 --device "$DEVICE"
+head -3 "$OUT/screen/candidates.csv"
+
+echo "== 7/7 metrics (SYNTHETIC labels)"
 $PY - "$OUT/run" <<'PY'
 import json, sys
 from pathlib import Path

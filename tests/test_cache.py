@@ -11,7 +11,8 @@ import torch
 from cgnn_dgl.batching import PackedGraphs, iter_batches
 from cgnn_dgl.cache import Built, CacheMismatch, CacheWriter, Reject, ShardStream, load_packed, merge_caches
 from cgnn_dgl.errors import CgnnError
-from cgnn_dgl.graph import BOND, graph_from_neighbors
+from cgnn_dgl.graph import graph_from_neighbors
+from cgnn_dgl.schema import BOND
 
 PARAMS = {"radius_factor": 1.2, "cc_cutoff": 0.03, "max_rounds": 10}
 SOURCE = {"kind": "test"}
@@ -230,8 +231,8 @@ def test_merge_refuses_caches_with_different_targets(tmp_path, dev_corpus):
 
 def test_bond_ratios_survive_cache_batching_and_subsets(tmp_path, dev_corpus):
     from cgnn_dgl.coordinator import coordinate_many
-    from cgnn_dgl.graph import RATIO
     from cgnn_dgl.pipeline import BuildItem, build_many
+    from cgnn_dgl.schema import RATIO
     from cgnn_dgl.structures import Crystal
 
     rows = [r for r in dev_corpus if r["error"] is None][:60]

@@ -20,6 +20,8 @@ from cgnn_dgl.coordinator import (
     CoordinatorParams,
     MissingRadiusError,
     candidates,
+    check_overlap,
+    closest_distances,
     coordinate,
     coordinate_csr,
     coordinate_many,
@@ -332,7 +334,8 @@ def test_batch_errors_return_and_raise():
 
 def test_params_dataclass():
     assert CoordinatorParams(1.2, 0.03, 10) == DEFAULT_PARAMS
-    assert DEFAULT_PARAMS.as_dict() == {"radius_factor": 1.2, "cc_cutoff": 0.03, "max_rounds": 10, "pruning": "exact"}
+    assert DEFAULT_PARAMS.as_dict() == {"radius_factor": 1.2, "cc_cutoff": 0.03, "max_rounds": 10, "pruning": "exact",
+                                        "overlap_tolerance": 0.5}
     with pytest.raises(dataclasses.FrozenInstanceError):
         DEFAULT_PARAMS.radius_factor = 2.0  # frozen
 
@@ -507,8 +510,10 @@ def test_ratios_invariant_under_uniform_scaling_and_rotation(dev_rows, scale, q,
     row = rows[pick % len(rows)]
     lattice = np.asarray(row["lattice"])
     moved = Crystal(row["name"], scale * lattice @ _rotation(q).T, row["numbers"], row["frac"])
-    a = coordinate_csr(crystal_of(row), ratios=True)
-    b = coordinate_csr(moved, ratios=True)
+    # the overlap check is in Å, so not scale invariant by design: a cell shrunk 3x may overlap; the graph is
+    no_check = CoordinatorParams(overlap_tolerance=0.0)
+    a = coordinate_csr(crystal_of(row), no_check, ratios=True)
+    b = coordinate_csr(moved, no_check, ratios=True)
     # the pruning sees the same ratios up to rounding, so the graph (in its order) and ratios are the same
     assert a[0].tolist() == b[0].tolist() and a[1].tolist() == b[1].tolist()
     np.testing.assert_allclose(b[2], a[2], rtol=1e-9, atol=1e-12)
@@ -521,3 +526,56 @@ def test_ratios_change_under_non_uniform_strain():
     strained = Crystal(c.name, np.diag([5.64, 5.64, 5.64 * 1.05]), c.numbers, c.frac)
     _, _, r1 = coordinate_csr(strained, ratios=True)
     assert r0.shape != r1.shape or not np.allclose(r0, r1)
+
+
+# ------------------------------------------------------------------------- overlapping atoms
+
+
+def _pair(lattice, f1, f2, z=(11, 17)):
+    return Crystal("pair", np.asarray(lattice, float), list(z), [f1, f2])
+
+
+@pytest.mark.parametrize(("lattice", "f1", "f2", "closest"), [
+    (np.eye(3) * 5.0, [0.1, 0.1, 0.1], [0.1, 0.1, 0.1], 0.0),              # the same position
+    (np.eye(3) * 5.0, [0.1, 0.1, 0.1], [0.12, 0.1, 0.1], 0.1),             # 0.1 Å apart
+    (np.eye(3) * 10.0, [0.001, 0.5, 0.5], [0.999, 0.5, 0.5], 0.02),        # across the cell face
+    (np.eye(3) * 10.0, [0.001, 0.5, 0.5], [-0.999, 0.5, 0.5], 0.0),        # unwrapped, one cell apart
+    ([[0.3, 0, 0], [0, 5, 0], [0, 0, 5]], [0, 0, 0], [0, 0.5, 0.5], 0.3),  # an atom on its own image
+])
+def test_overlapping_atoms_are_rejected(lattice, f1, f2, closest):
+    """Issue 8.3: atoms on top of each other used to give a graph; minimum image, images of itself too."""
+    c = _pair(lattice, f1, f2)
+    n = np.array([2])
+    assert closest_distances(c.frac, c.lattice[None], n)[0] == pytest.approx(closest, abs=1e-9)
+    with pytest.raises(StructureError) as info:
+        coordinate_csr(c)
+    assert info.value.reason == "overlapping_atoms" and "overlap tolerance 0.5" in str(info.value)
+    # the tolerance is a parameter; 0 turns the check off (the coordinator's own 1e-8 rule remains)
+    ok = coordinate_many([c], CoordinatorParams(overlap_tolerance=0.0), errors="return")[0]
+    assert not isinstance(ok, StructureError)
+
+
+def test_atoms_just_beyond_the_tolerance_are_kept():
+    c = _pair(np.eye(3) * 5.0, [0.1, 0.1, 0.1], [0.21, 0.1, 0.1])  # 0.55 Å
+    counts, _ = coordinate_csr(c)
+    assert counts.shape == (2,)
+    check_overlap(c)
+    with pytest.raises(StructureError):
+        check_overlap(c, 0.6)
+
+
+def test_closest_distance_is_the_minimum_image_on_skewed_cells():
+    """A cell written with a very skewed basis (the same lattice) gives the same closest distance as the
+    reduced one, and as pymatgen's distance matrix (which uses the minimum image)."""
+    from pymatgen.core import Lattice, Structure
+
+    rng = np.random.default_rng(3)
+    base = np.diag([3.0, 4.0, 5.0])
+    frac = rng.random((4, 3))
+    cart = frac @ base
+    skew = np.array([[1, 0, 0], [7, 1, 0], [-5, 3, 1]], float) @ base  # unimodular: the same lattice
+    fs = np.linalg.solve(skew.T, cart.T).T
+    want = Structure(Lattice(base), ["H"] * 4, frac).distance_matrix[np.triu_indices(4, 1)].min()
+    want = min(want, 3.0)  # the shortest lattice vector: an atom's own image
+    for lat, f in ((base, frac), (skew, fs)):
+        assert closest_distances(f, lat[None], np.array([4]))[0] == pytest.approx(want, abs=1e-9)

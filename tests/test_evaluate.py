@@ -98,3 +98,34 @@ def test_evaluate_cli_writes_predictions_metrics_and_plots(tmp_path, dev_corpus)
     bad = subprocess.run([sys.executable, "-m", "cgnn_dgl.cli", "evaluate", "--run", str(tmp_path / "nothing")],
                          capture_output=True, text=True, cwd=repo, timeout=120)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_evaluate_flags_synthetic_labels(tmp_path):
+    """Issue 8.11: a run on a `cgnn db synth` database says so in metrics.json, the console and the plots."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    db = f"sqlite:///{tmp_path / 's.sqlite'}"
+
+    def cgnn(*args):
+        r = subprocess.run([sys.executable, "-m", "cgnn_dgl.cli", *args], capture_output=True, text=True,
+                           cwd=repo, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r
+
+    cgnn("db", "init", "--db", db)
+    cgnn("db", "synth", "--db", db, "--entries", "150", "--seed", "3")
+    cgnn("ingest", "--db", db, "--out", str(tmp_path / "c"), "--no-progress")
+    t = cgnn("train", "--config", "configs/tiny.yaml", "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "r"),
+             "--set", "train.epochs=1")
+    assert "labels are SYNTHETIC" in t.stderr
+    r = cgnn("evaluate", "--run", str(tmp_path / "r"), "--no-plots")
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert metrics["synthetic_labels"] is True and "SYNTHETIC" in metrics["labels_note"]
+    assert "SYNTHETIC labels" in r.stdout
+    cgnn("examples", "--out", str(tmp_path / "cif"), "--limit", "2")
+    p = cgnn("predict", "--model", str(tmp_path / "r" / "best.pt"), str(tmp_path / "cif"), "--out", str(tmp_path / "p.csv"))
+    assert "SYNTHETIC labels" in p.stderr and json.loads((tmp_path / "p.json").read_text())["synthetic"] is True

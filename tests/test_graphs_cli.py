@@ -298,3 +298,91 @@ def test_all_bad_inputs_end_cleanly_with_rejects_listed(tmp_path, capsys):
     assert main(["graphs", str(tmp_path / "l.json"), "--out", str(tmp_path / "c2")]) == 0
     rows = list(csv.DictReader((tmp_path / "c2" / "rejects.csv").open()))
     assert len(rows) == 1 and len(load_packed(tmp_path / "c2")) == 0
+
+
+def _no_radius_poscar(symbol: str = "At") -> str:
+    return POSCAR_NACL.replace("Na Cl", f"{symbol} Cl")
+
+
+def test_late_rejects_name_the_file_as_given(tmp_path, capsys):
+    """Issue 8.2: a reject found by the coordinator (no radius) named only the stem, so x.cif and x.vasp
+    could not be told apart; every reject names the path with its extension, or the row of a list."""
+    from pymatgen.core import Structure
+
+    (tmp_path / "in").mkdir()
+    s = Structure.from_str(_no_radius_poscar(), fmt="poscar")
+    (tmp_path / "in" / "x.cif").write_text(s.to(fmt="cif"))
+    (tmp_path / "in" / "x.vasp").write_text(_no_radius_poscar())
+    (tmp_path / "in" / "ok.vasp").write_text(POSCAR_NACL)
+    frames = tmp_path / "frames.extxyz"
+    import ase.io
+
+    ase.io.write(str(frames), [s.to_ase_atoms(), Structure.from_str(POSCAR_NACL, fmt="poscar").to_ase_atoms()],
+                 format="extxyz")
+    rows = [{"name": "m1", "lattice": s.lattice.matrix.tolist(), "numbers": [85, 17],
+             "frac": s.frac_coords.tolist()}]
+    (tmp_path / "l.json").write_text(json.dumps(rows))
+    assert main(["graphs", str(tmp_path / "in"), str(frames), str(tmp_path / "l.json"),
+                 "--out", str(tmp_path / "c"), "--workers", "1"]) == 0
+    rejects = list(csv.DictReader((tmp_path / "c" / "rejects.csv").open()))
+    got = sorted((r["name"], r["reason"]) for r in rejects)
+    assert got == sorted([(str(tmp_path / "in" / "x.cif"), "no_radius"), (str(tmp_path / "in" / "x.vasp"), "no_radius"),
+                          (f"{frames}[0]", "no_radius"), (f"{tmp_path / 'l.json'}[0] m1", "no_radius")])
+    for r in rejects:  # the message names it the same way
+        assert r["message"].startswith(r["name"] + ": "), r
+    assert load_packed(tmp_path / "c").names == ["ok", "frames-1"]
+
+
+def test_predict_inputs_rejects_name_the_json_row(tmp_path):
+    from pymatgen.core import Structure
+
+    from cgnn_dgl.predict import build_inputs
+
+    s = Structure.from_str(_no_radius_poscar("Cm"), fmt="poscar")
+    rows = [{"name": "m1", "lattice": s.lattice.matrix.tolist(), "numbers": [96, 17], "frac": s.frac_coords.tolist()},
+            {"name": "m2", "lattice": [[1, 0], [0, 1]], "numbers": [1], "frac": [[0, 0, 0]]}]
+    (tmp_path / "l.json").write_text(json.dumps(rows))
+    packed, rejects = build_inputs([str(tmp_path / "l.json")])
+    assert len(packed) == 0
+    assert [(r.name, r.reason) for r in rejects] == [(f"{tmp_path / 'l.json'}[0] m1", "no_radius"),
+                                                      (f"{tmp_path / 'l.json'}[1]", "parse_error")]
+
+
+def test_overlapping_atoms_reject_and_tolerance_flag(tmp_path, capsys):
+    """Issue 8.3: two sites 0.1 Å apart gave a graph with no word; now reason overlapping_atoms, and
+    --overlap-tolerance changes the threshold (0 turns the check off)."""
+    close = POSCAR_NACL.replace("0.5 0.5 0.5", "0.02 0.0 0.0")  # 0.1 Å from Na (|0.02 a| with a ~ 4 Å)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "close.vasp").write_text(close)
+    (tmp_path / "in" / "ok.vasp").write_text(POSCAR_NACL)
+    assert main(["graphs", str(tmp_path / "in"), "--out", str(tmp_path / "c1"), "--workers", "1"]) == 0
+    rejects = list(csv.DictReader((tmp_path / "c1" / "rejects.csv").open()))
+    assert [(r["name"], r["reason"]) for r in rejects] == [(str(tmp_path / "in" / "close.vasp"), "overlapping_atoms")]
+    assert "Å apart" in rejects[0]["message"] and "rejected: overlapping_atoms" in capsys.readouterr().out
+    assert load_packed(tmp_path / "c1").names == ["ok"]
+    assert main(["graphs", str(tmp_path / "in"), "--out", str(tmp_path / "c2"), "--workers", "1",
+                 "--overlap-tolerance", "0"]) == 0
+    assert sorted(load_packed(tmp_path / "c2").names) == ["close", "ok"]
+    manifest = json.loads((tmp_path / "c2" / "manifest.json").read_text())
+    assert manifest["coordinator"]["overlap_tolerance"] == 0.0
+
+
+def test_multi_block_cif_gives_every_block(tmp_path):
+    """Issue 8.4: a CIF with several data blocks gave its first structure only; now each structure block
+    is an input, ``file.cif#block``; a block without atom sites (publication metadata) is no input."""
+    from cgnn_dgl.predict import build_inputs
+
+    ag = CIF_CU.replace("data_Cu", "data_Ag").replace("Cu", "Ag").replace("3.615", "4.086")
+    bad = CIF_CU.replace("data_Cu", "data_bad") + "Cu5 Cu 0 0 0.01\n"  # 0.04 Å from Cu1
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "multi.cif").write_text("data_global\n_journal_name_full 'J'\n\n" + CIF_CU + "\n" + ag + "\n" + bad)
+    (tmp_path / "in" / "single.cif").write_text("data_global\n_journal_name_full 'J'\n\n" + CIF_CU)
+    assert main(["graphs", str(tmp_path / "in"), "--out", str(tmp_path / "c"), "--workers", "1"]) == 0
+    packed = load_packed(tmp_path / "c")
+    assert packed.names == ["multi.cif#Cu", "multi.cif#Ag", "single"]
+    assert np.all(np.bincount(packed.subset([1]).bond_dst) == 12)  # fcc Ag: its own block, not Cu's
+    rejects = list(csv.DictReader((tmp_path / "c" / "rejects.csv").open()))
+    assert [(r["name"], r["reason"]) for r in rejects] == [(f"{tmp_path / 'in' / 'multi.cif'}#bad", "overlapping_atoms")]
+    packed, rejects = build_inputs([str(tmp_path / "in")])
+    assert packed.names == ["multi.cif#Cu", "multi.cif#Ag", "single"]
+    assert [r.name for r in rejects] == [f"{tmp_path / 'in' / 'multi.cif'}#bad"]

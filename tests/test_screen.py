@@ -7,6 +7,8 @@ from math import comb
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cgnn_dgl.structures import Crystal
 
@@ -453,3 +455,39 @@ def test_unscoreable_candidates_listed_with_decoration_and_reason(trained, tmp_p
     assert summary["unscoreable"] == 16 and summary["unscoreable_reasons"] == {"no_radius": 8,
                                                                                "unsupported_element": 8}
     assert summary["symmetry_distinct"] == 24 and summary["scored"] == 8
+
+
+def test_model_labels_come_from_the_checkpoint_record(tmp_path):
+    """What the model learnt (synthetic or real labels) is read from the checkpoint's record when it has one,
+    else from its cache's ingest flags."""
+    import torch
+
+    from cgnn_dgl.screen import _model_labels
+
+    for flag, want in ((True, "synthetic"), (False, "real")):
+        torch.save({"synthetic": flag, "train_config": {"cache": str(tmp_path / "none")}}, tmp_path / "m.pt")
+        assert _model_labels(str(tmp_path / "m.pt")) == want
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "ingest_flags.csv").write_text("name,synthetic\na,True\n")
+    torch.save({"train_config": {"cache": str(tmp_path / "c")}}, tmp_path / "old.pt")
+    assert _model_labels(str(tmp_path / "old.pt")) == "synthetic"
+    torch.save({"synthetic": None, "train_config": {"cache": str(tmp_path / "none")}}, tmp_path / "u.pt")
+    assert _model_labels(str(tmp_path / "u.pt")) == "unknown"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 94), st.integers(1, 12)), min_size=1, max_size=5, unique_by=lambda t: t[0]))
+def test_reduced_formula_equals_pymatgen(comp):
+    """The fast formula of a candidate is pymatgen's reduced formula, rare rewrites included."""
+    import warnings
+
+    from pymatgen.core import Composition, Element
+
+    from cgnn_dgl.screen import reduced_formula
+
+    z = np.array(sorted(a for a, _ in comp))
+    counts = np.array([dict(comp)[a] for a in z])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = Composition({Element.from_Z(int(a)): int(n) for a, n in zip(z, counts)}).reduced_formula
+        assert reduced_formula(z, counts) == expected

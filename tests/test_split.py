@@ -5,9 +5,11 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from cgnn_dgl.errors import UsageError
-from cgnn_dgl.split import formula_split, load_split, save_split
+from cgnn_dgl.split import formula_split, load_split, random_split, read_split_file, save_split
 
 
 def _reference_split(formulas, nelements, seed=12345):
@@ -104,3 +106,70 @@ def test_bad_split_file(tmp_path):
     (tmp_path / "none.json").write_text(json.dumps({"key": "entry_id", "train": [99], "val": [], "test": []}))
     with pytest.raises(UsageError):
         load_split(tmp_path / "none.json", [1], ["a"])
+
+
+# --------------------------------------------------------------------------------------------------
+# train.split: random (seeded) and file (a user's ids per part)
+
+
+@given(st.integers(0, 300), st.integers(0, 2**32 - 1), st.sampled_from([0.0, 0.1, 0.25]),
+       st.sampled_from([0.0, 0.1, 0.3]))
+def test_random_split_partitions_the_rows_by_the_fractions(n, seed, val, test):
+    parts = random_split(n, seed, val, test)
+    rows = np.concatenate([parts[p] for p in ("train", "val", "test")])
+    assert sorted(rows.tolist()) == list(range(n))  # every row once
+    assert len(parts["test"]) == int(test * n) and len(parts["val"]) == int(val * n)
+    again = random_split(n, seed, val, test)
+    assert all(np.array_equal(parts[p], again[p]) for p in parts)  # seeded
+
+
+def test_random_split_depends_on_the_seed():
+    a, b = random_split(200, 1), random_split(200, 2)
+    assert not np.array_equal(a["test"], b["test"])
+
+
+def test_user_split_file_json_and_csv_keyed_by_id(tmp_path):
+    names = ["mp-1", "mp-2", "mp-3", "mp-4", "mp-5"]
+    ids = [10, 11, 12, 13, 14]
+    (tmp_path / "s.json").write_text(json.dumps({"train": ["mp-3", "mp-1"], "val": ["mp-5"], "test": ["mp-2"]}))
+    got = read_split_file(tmp_path / "s.json", ids, names)
+    assert {p: v.tolist() for p, v in got.items()} == {"train": [0, 2], "val": [4], "test": [1]}
+    (tmp_path / "s.csv").write_text("id,split\nmp-3,train\nmp-1,train\nmp-5,val\nmp-2,test\n")
+    got_csv = read_split_file(tmp_path / "s.csv", ids, names)
+    assert all(np.array_equal(got[p], got_csv[p]) for p in got)
+    (tmp_path / "e.json").write_text(json.dumps({"train": [13, 14], "val": [10], "test": []}))  # entry ids
+    assert read_split_file(tmp_path / "e.json", ids, names)["train"].tolist() == [3, 4]
+
+
+@pytest.mark.parametrize(("text", "suffix", "message"), [
+    ('{"train": ["mp-1", "mp-9", "x"], "val": [], "test": []}', ".json", "2 of its 3 ids are not in the cache: mp-9, x"),
+    ('{"train": ["mp-1"], "val": ["mp-1"], "test": []}', ".json", "1 id(s) given more than once: mp-1"),
+    ("id,split\nmp-1,training\n", ".csv", "line 2: split 'training' is not one of train, val, test"),
+    ("name\nmp-1\n", ".csv", "needs a header with columns id and split"),
+    ('{"train": [], "val": [], "test": []}', ".json", "names no ids"),
+    ("[1, 2]", ".json", "not a split file"),
+])
+def test_user_split_file_errors_are_clear(tmp_path, text, suffix, message):
+    path = tmp_path / f"s{suffix}"
+    path.write_text(text)
+    with pytest.raises(UsageError) as exc:
+        read_split_file(path, [10, 11], ["mp-1", "mp-2"])
+    assert message in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_train_split_options_choose_the_split(tmp_path):
+    from cgnn_dgl.config import TrainConfig
+    from cgnn_dgl.train import make_split
+
+    packed = type("P", (), {"entry_id": np.arange(50), "names": [f"s{i}" for i in range(50)],
+                            "__len__": lambda self: 50})()
+    got = make_split(packed, TrainConfig(split="random", split_seed=7, val_fraction=0.2, test_fraction=0.2))
+    want = random_split(50, 7, 0.2, 0.2)
+    assert all(np.array_equal(got[p], want[p]) for p in want)
+    (tmp_path / "s.csv").write_text("id,split\ns3,test\ns4,val\ns0,train\n")
+    got = make_split(packed, TrainConfig(split="file", split_file=str(tmp_path / "s.csv")))
+    assert {p: v.tolist() for p, v in got.items()} == {"train": [0], "val": [4], "test": [3]}
+    with pytest.raises(UsageError, match=r"split: file needs train\.split_file"):
+        TrainConfig(split="file").validate()
+    with pytest.raises(UsageError, match="is not one of formula, random, file"):
+        TrainConfig(split="kfold").validate()

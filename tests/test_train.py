@@ -461,3 +461,32 @@ def test_empty_validation_split_is_an_error_unless_chosen(dev_corpus, tmp_path):
     assert "train.val_fraction=0" in str(e.value)
     s = train_run(tiny_config(c, tmp_path / "r0", epochs=1, val_fraction=0.0), tmp_path / "r0")
     assert s["best_epoch"] == 1 and (tmp_path / "r0" / "best.pt").is_file()
+
+
+def test_a_constant_target_is_warned_about_once(dev_corpus, tmp_path, monkeypatch, caplog):
+    """Issue 8.5: a target constant in the training split (magnetization, 0 for all of Perov-5) trained
+    with no word; now one warning at the start names it and its value."""
+    import logging
+    import sys
+
+    from cgnn_dgl.train import train_run
+
+    plain = synthetic_targets
+
+    def zero_magnetization(numbers, lattice, rng):
+        y, mask = plain(numbers, lattice, rng)
+        y[3] = 0.0
+        return y, mask
+
+    c = write_cache(tmp_path / "c0", usable_rows(dev_corpus, 60))
+    with caplog.at_level(logging.WARNING, logger="cgnn_dgl.train"):
+        train_run(tiny_config(c, tmp_path / "r0", epochs=1), tmp_path / "r0")
+    assert not [r for r in caplog.records if "constant" in r.getMessage()]
+    caplog.clear()
+    monkeypatch.setattr(sys.modules[__name__], "synthetic_targets", zero_magnetization)
+    c = write_cache(tmp_path / "c", usable_rows(dev_corpus, 60))
+    with caplog.at_level(logging.WARNING, logger="cgnn_dgl.train"):
+        train_run(tiny_config(c, tmp_path / "r", epochs=2), tmp_path / "r")
+    warned = [r.getMessage() for r in caplog.records if "constant" in r.getMessage()]
+    assert len(warned) == 1 and "magnetization = 0" in warned[0], warned
+    assert "formation_energy" not in warned[0]

@@ -8,7 +8,6 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from cgnn_dgl import TARGETS
 from cgnn_dgl.config import ModelConfig
 from cgnn_dgl.errors import CgnnError
 from cgnn_dgl.graph_ops import GraphIndex, mean_per_crystal
@@ -29,7 +28,8 @@ from cgnn_dgl.model.layers import (
 )
 
 CLASS_NAMES: tuple[str, ...] = ("insulator", "magnetic")
-"""Columns of the classification logits (``classification_heads=True``)."""
+"""Columns of the OQMD preset's classification logits (``classification_heads=True``); a model's own are
+:func:`cgnn_dgl.tasks.class_names` of its config."""
 
 # state_dict entries of ours that the reference GGNN does not have.
 EXTRA_BUFFERS = ("target_mean", "target_std")
@@ -45,8 +45,8 @@ class CGNN(nn.Module):
     ``(n_crystals, n_targets)`` in the column order of ``config.targets`` (never squeezed).
     :meth:`to_physical` undoes the standardisation with the buffers ``target_mean``/``target_std``
     (defaults 0/1, saved in the state_dict). With ``config.classification_heads`` the method
-    :meth:`forward_heads` returns ``{"regression": (n, n_targets), "logits": (n, 2)}`` from one pass,
-    logit columns :data:`CLASS_NAMES` (insulator, magnetic).
+    :meth:`forward_heads` returns ``{"regression": (n, n_targets), "logits": (n, n_classes)}`` from one
+    pass, logit columns :func:`cgnn_dgl.tasks.class_names` (insulator, magnetic for the OQMD preset).
     """
 
     def __init__(self, config: ModelConfig):
@@ -107,7 +107,10 @@ class CGNN(nn.Module):
             FullConnection(c.n_hidden_feat if k == 0 else c.n_graph_feat, c.n_graph_feat, act(), c.use_batch_norm)
             for k in range(c.n_fc))
         self.regression = LinearRegression(c.n_graph_feat, c.n_targets)
-        self.classification = LinearRegression(c.n_graph_feat, len(CLASS_NAMES)) if c.classification_heads else None
+        from cgnn_dgl.tasks import class_names
+
+        n_classes = len(class_names(c))
+        self.classification = LinearRegression(c.n_graph_feat, n_classes) if n_classes else None
         self.register_buffer("target_mean", torch.zeros(c.n_targets))
         self.register_buffer("target_std", torch.ones(c.n_targets))
 
@@ -146,8 +149,9 @@ class CGNN(nn.Module):
 
     def forward_heads(self, z: Tensor, gi: GraphIndex) -> dict[str, Tensor]:
         """``{"regression": (n, n_targets)[, "logits": (n, 2)]}`` from one pass (logits only with
-        ``classification_heads``; columns :data:`CLASS_NAMES`). With ``classification_detach`` the logits
-        see a detached copy of the graph features: their loss trains the logit layer only."""
+        ``classification_heads`` or ``binary_targets``; columns :func:`cgnn_dgl.tasks.class_names`). With
+        ``classification_detach`` the logits see a detached copy of the graph features: their loss trains
+        the logit layer only."""
         h = self.graph_features(z, gi)
         out = {"regression": self._regression(h, gi)}
         if self.classification is not None:
@@ -223,9 +227,9 @@ def reference_key_mismatch(model: CGNN, state_dict: Mapping[str, Tensor]) -> lis
 def detect_reference_preset(state_dict: Mapping[str, Tensor]) -> str:
     """Name of the preset whose single-target model has exactly these keys and shapes."""
     w = state_dict.get("regression.linear.weight")
-    n_targets = min(max(1, int(w.shape[0]) if w is not None else 1), len(TARGETS))
+    n_targets = max(1, int(w.shape[0]) if w is not None else 1)
     for name in ModelConfig.PRESETS:
-        model = CGNN(ModelConfig.preset(name, targets=TARGETS[:n_targets]))
+        model = CGNN(ModelConfig.preset(name, targets=tuple(f"target_{k}" for k in range(n_targets))))
         if not reference_key_mismatch(model, state_dict):
             return name
     raise CgnnError("reference weights match none of the presets " + ", ".join(ModelConfig.PRESETS))
