@@ -644,13 +644,11 @@ def train_run(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict
                      f", {dist.world} processes" if dist.enabled else "")
             if state is not None:
                 log.info("resuming after epoch %d (best epoch %d)", state["epoch"], state["best_epoch"])
-            from cgnn_dgl.checkpoint import cache_record
-
-            if cache_record(cfg.train.cache)["synthetic"]:
-                log.warning("the cache's labels are SYNTHETIC (cgnn db synth): this model shows the pipeline "
-                            "works, not physics")
         check_trainable(cfg, packed, split)
         trainer = Trainer(cfg, run_dir, packed, split, dist, resume_state=state)
+        if dist.main and trainer.record.get("synthetic"):  # the cache record the checkpoints keep
+            log.warning("the cache's labels are SYNTHETIC (cgnn db synth): this model shows the pipeline "
+                        "works, not physics")
         summary = trainer.fit()
         if summary["best_epoch"] < 0:
             raise CgnnError(f"no epoch of {run_dir} gave a finite score (NaN losses?), so no {BEST} was written; "
