@@ -106,13 +106,14 @@ def main(argv=None) -> int:
     ap.add_argument("--baseline", type=int, default=2000, help="candidates in the CIF + cgnn predict baseline")
     ap.add_argument("--work", help="work folder (default: a temporary one)")
     args = ap.parse_args(argv)
+    if bool(args.model) != bool(args.db):
+        ap.error("give --model and --db together (the --db row needs a database), or neither")
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)
         work.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         db, model = (args.db, args.model) if args.model else setting(work, args.entries)
-        db = args.db or db
         print(f"setting ready in {time.perf_counter() - t0:.0f} s (model {model})", flush=True)
         proto = work / "perovskite.cif"
         prototype(proto)
