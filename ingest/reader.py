@@ -14,8 +14,15 @@ from the last key, so nothing is skipped or read twice.
 
 Each material becomes a :class:`Record`: either a crystal with its targets
 (``cgnn_dgl.TARGETS`` order: formation_energy, volume_per_atom, band_gap, magnetization; NaN = missing)
-or a reject with a reason: ``no_structure``, ``no_atoms``, ``unknown_element``, ``singular_lattice``
-(volume <= 0), ``non_finite``, ``nan_target``. (``no_radius`` is found later, by the coordinator.)
+or a reject with a reason: ``no_structure``, ``null_lattice`` (a NULL lattice column), ``no_atoms``,
+``natoms_mismatch`` (the structure's or the calculation's ``natoms`` disagrees with its atom rows: a
+partly stored structure, whose volume and magnetization per atom would be wrong), ``unknown_element``,
+``singular_lattice`` (volume <= 0), ``non_finite``, ``nan_target``. (``no_radius`` and
+``overlapping_atoms`` are found later, by the coordinator.)
+
+Keys of the key column that the selection rule leaves out (no converged ``static``/``standard``
+calculation with a formation energy; for ``canonical`` also the duplicates) are not materials; each page
+counts them in :attr:`OqmdReader.not_selected`, so a run can say how many it passed over, and why.
 """
 from __future__ import annotations
 
@@ -33,7 +40,7 @@ from cgnn_dgl.errors import CgnnError
 from cgnn_dgl.structures import Crystal, StructureError
 from ingest import tables as T
 from ingest.db import describe_error, supports_window_functions
-from ingest.select import Filters, choose, count_stmt, keys_stmt, rows_stmt, window_stmt
+from ingest.select import LATTICE, Filters, choose, count_stmt, keys_stmt, rows_stmt, window_stmt
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +127,7 @@ class OqmdReader:
         self.band_gap_null_as_zero = (selection == "reference") if null_as_zero is None else null_as_zero
         self.pages_read = 0
         self.retried = 0
+        self.not_selected = 0  # keys of the key column in the pages read that the selection left out
         self._atoms_stmt = atoms_stmt()
 
     # -- database access with retry -------------------------------------------------------------------
@@ -142,18 +150,28 @@ class OqmdReader:
         stmt = count_stmt(self.selection, self.filters, after)
         return int(self._with_retry(lambda conn: conn.execute(stmt).scalar() or 0, "count", after))
 
+    def _unselected(self, span, keys) -> int:
+        """How many distinct key values of a window, inside the key filters, the selection left out."""
+        i, n = self.filters.shard
+        return len({k for k in span if k % n == i} - set(keys))
+
     def _fetch(self, conn: sa.Connection, after: int | None):
-        """(new ``after``, chosen rows, atoms) of the next page holding keys; new ``after`` None = the end."""
+        """(new ``after``, chosen rows, atoms, keys passed over) of the next page holding keys.
+
+        A new ``after`` of None means the end.
+        """
         if self.window is None:
             self.window = supports_window_functions(conn)
             log.debug("selection %s with %s", self.selection,
                       "window functions" if self.window else "the MySQL 5.7 fallback (no window functions)")
+        passed_over = 0
         while True:
             span = conn.execute(window_stmt(self.selection, self.filters, after, self.batch_size)).scalars().all()
             if not span:
-                return None, [], []
+                return None, [], [], passed_over
             upto = span[-1]
             keys = conn.execute(keys_stmt(self.selection, self.filters, after, upto)).scalars().all()
+            passed_over += self._unselected(span, keys)
             if keys:
                 break
             after = upto  # a window without selected materials: move on in the same round trip
@@ -161,12 +179,14 @@ class OqmdReader:
                       window=self.window)
         sids = sorted({r.structure_id for r in rows if r.structure_found is not None})
         atoms = conn.execute(self._atoms_stmt, {"sids": sids}).all() if sids else []
-        return upto, rows, atoms
+        return upto, rows, atoms, passed_over
 
     def pages(self, after: int | None = None) -> Iterator[list[Record]]:
         """Lists of records, one per page; ``after`` = resume after this key."""
         while True:
-            upto, rows, atoms = self._with_retry(lambda conn, after=after: self._fetch(conn, after), "page", after)
+            upto, rows, atoms, passed_over = self._with_retry(lambda conn, after=after: self._fetch(conn, after),
+                                                               "page", after)
+            self.not_selected += passed_over  # counted once a page has been read whole (not per retry)
             if upto is None:
                 return
             self.pages_read += 1
@@ -201,8 +221,16 @@ class OqmdReader:
 
         if r.structure_found is None:
             return reject("no_structure", f"calculation {r.calculation_id} has no output structure")
+        nulls = [c for c in LATTICE if getattr(r, c) is None]
+        if nulls:
+            return reject("null_lattice", f"structure {r.structure_id}: lattice column(s) {', '.join(nulls)} are NULL")
         if not atoms:
             return reject("no_atoms", f"structure {r.structure_id} has no atoms")
+        for what, natoms in ((f"structure {r.structure_id}", r.structure_natoms),
+                             (f"calculation {r.calculation_id}", r.calc_natoms)):
+            if natoms is not None and int(natoms) != len(atoms):
+                return reject("natoms_mismatch", f"{what} says natoms = {int(natoms)}, but structure "
+                                                 f"{r.structure_id} has {len(atoms)} atom rows")
         unknown = sorted({str(a[1]) for a in atoms if a[2] is None})
         if unknown:
             return reject("unknown_element", f"structure {r.structure_id}: unknown element symbol(s) {', '.join(unknown)}")

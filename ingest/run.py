@@ -43,6 +43,15 @@ FLAG_COLUMNS = ("key", "name", "entry_id", "calculation_id", "formationenergy_id
                 "band_gap_null", "magmom_null", "atomic_volume_per_atom", "volume_deviation", "synthetic")
 
 
+# Why a key of the key column is not a material (the selection rule, ingest/select.py); such keys are
+# counted, not written as rejects: they are not in the selection, like the reference's extraction.
+NOT_SELECTED_WHY = {
+    "reference": "entry groups without a converged static/standard calculation with delta_e < 5",
+    "canonical": "duplicates, and entries without a converged static/standard calculation with a "
+                 "standard-fit formation energy",
+}
+
+
 @dataclass
 class IngestSummary:
     entries_read: int = 0
@@ -55,6 +64,8 @@ class IngestSummary:
     window_functions: bool | None = None
     total_graphs: int = 0
     total_rejects: int = 0
+    not_selected: int = 0
+    selection: str = "reference"
 
     @property
     def rate(self) -> float:
@@ -65,12 +76,15 @@ class IngestSummary:
                 "rejects_by_reason": dict(sorted(self.rejects.items())), "seconds": round(self.seconds, 3),
                 "entries_per_s": None if math.isnan(self.rate) else round(self.rate, 1),
                 "resumed_after": self.resumed_after, "db_retries": self.db_retries,
+                "not_selected": self.not_selected, "not_selected_why": NOT_SELECTED_WHY[self.selection],
                 "window_functions": self.window_functions}
 
     def rows(self) -> list[tuple]:
         rows = [("entries read (this run)", self.entries_read), ("graphs written (this run)", self.graphs_written),
                 ("rejected (this run)", sum(self.rejects.values()))]
         rows += [(f"  rejected: {reason}", n) for reason, n in sorted(self.rejects.items())]
+        if self.not_selected:
+            rows.append((f"not selected ({NOT_SELECTED_WHY[self.selection]})", self.not_selected))
         rows += [("seconds", round(self.seconds, 2)), ("entries/s", round(self.rate, 1) if self.seconds else "-")]
         if self.resumed_after is not None:
             rows.append(("resumed after entry", self.resumed_after))
@@ -273,7 +287,7 @@ def run_ingest(db_url, cache_dir, *, selection: str = "reference", workers: int 
                          overwrite=overwrite)
     flags = _FlagWriter(root)
     stream = _make_stream(writer, flags)
-    summary = IngestSummary()
+    summary = IngestSummary(selection=selection)
     summary.resumed_after = writer.resume_key
     summary.already_done = sum(s["n_graphs"] + s["n_rejects"] for s in writer.shards)
     reader = OqmdReader(engine, selection=selection, filters=filters, batch_size=batch_size, window=window)
@@ -290,6 +304,7 @@ def run_ingest(db_url, cache_dir, *, selection: str = "reference", workers: int 
             _build(gap_reader.records(after=a - 1), stream, summary, workers=workers, params=params)
             stream.flush()
             summary.db_retries += gap_reader.retried
+            summary.not_selected += gap_reader.not_selected
         # 2. everything after the last finished shard
         after = writer.resume_key
         if remaining != 0:
@@ -306,6 +321,7 @@ def run_ingest(db_url, cache_dir, *, selection: str = "reference", workers: int 
             bar.close()
         summary.seconds = time.perf_counter() - t0
         summary.db_retries += reader.retried
+        summary.not_selected += reader.not_selected
         summary.window_functions = reader.window
         engine.dispose()
     totals = writer.close(summary.as_dict())

@@ -183,7 +183,7 @@ def _candidates(selection: str, keys: Sequence[int] | None, filters: Filters):
         c.c.label.label("calc_label"), f.c.id.label("formationenergy_id"), f.c.fit_id.label("fit"),
         f.c.delta_e.label("delta_e"), c.c.band_gap.label("band_gap"), c.c.magmom.label("magmom"),
         c.c.natoms.label("calc_natoms"), c.c.output_id.label("structure_id"),
-        s.c.id.label("structure_found"), *[s.c[n].label(n) for n in LATTICE], elements_ok.label("elements_ok"),
+        s.c.id.label("structure_found"), s.c.natoms.label("structure_natoms"), *[s.c[n].label(n) for n in LATTICE], elements_ok.label("elements_ok"),
     ]
     return cols, frm, where, key, order
 

@@ -19,7 +19,7 @@ from conftest import readonly_mysql_user
 from ingest import tables as T
 from ingest.db import create_schema, make_engine, mysql_reachable, resolve_url, safe_url, temporary_mysql_database
 from ingest.reader import OqmdReader
-from ingest.select import Filters
+from ingest.select import LATTICE, Filters
 
 MYSQL_SERVER = os.environ.get("CGNN_TEST_MYSQL", "mysql+pymysql://root@127.0.0.1:3306/")
 _mysql_down = mysql_reachable(MYSQL_SERVER)
@@ -43,6 +43,11 @@ WURTZITE = [("Zn", 1 / 3, 2 / 3, 0), ("Zn", 2 / 3, 1 / 3, .5), ("O", 1 / 3, 2 / 
 ROCKSALT_FEO = [("Fe", 0, 0, 0), ("O", .5, .5, .5)]
 FCC_PRIM = [[0, 2.1, 2.1], [2.1, 0, 2.1], [2.1, 2.1, 0]]
 NACL = [("Na", 0, 0, 0), ("Cl", .5, .5, .5)]
+# conventional rock-salt NaCl (8 atoms) repeated 4 x 4 x 4: 512 atoms in a 22.56 A cube
+_CONV = [("Na", 0, 0, 0), ("Na", 0, .5, .5), ("Na", .5, 0, .5), ("Na", .5, .5, 0),
+         ("Cl", .5, .5, .5), ("Cl", .5, 0, 0), ("Cl", 0, .5, 0), ("Cl", 0, 0, .5)]
+SUPERCELL_512 = [(el, (i + x) / 4, (j + y) / 4, (k + z) / 4)
+                 for i in range(4) for j in range(4) for k in range(4) for el, x, y, z in _CONV]
 
 
 class Fixture:
@@ -184,11 +189,34 @@ def build_fixture() -> Fixture:
     f.entry(24)  # calculation without output structure
     f.calc(2401, 24, "static", None)
     f.fe(24001, 2401, 24, "standard", -1.0)
+    # issue 8, database side
+    f.simple(25)  # NULL lattice columns
+    f.rows["structures"][-1].update(x2=None, z3=None)
+    f.simple(26)  # structures.natoms says 3, the structure has 2 atom rows
+    f.rows["structures"][-1]["natoms"] = 3
+    f.simple(27)  # calculations.natoms says 4
+    f.rows["calculations"][-1]["natoms"] = 4
+    f.simple(28, lattice=cubic(4 * 5.64), atoms=SUPERCELL_512)  # 512 atoms: a normal material
+    f.entry(29)  # its only calculation is unconverged: not selected (counted, not rejected)
+    f.structure(291, 29, "static", FCC_PRIM, NACL)
+    f.calc(2901, 29, "static", 291, converged=False)
+    f.fe(29001, 2901, 29, "standard", -1.0)
     return f
 
 
 def load_fixture(engine: sa.Engine) -> None:
+    # OQMD declares the lattice columns NOT NULL; a user's own or damaged database may not (entry 25)
+    if engine.dialect.name == "sqlite":
+        md = sa.MetaData()
+        for table in T.metadata.sorted_tables:
+            table.to_metadata(md)
+        for col in LATTICE:
+            md.tables["structures"].c[col].nullable = True
+        md.create_all(engine)
     create_schema(engine)
+    if engine.dialect.name in ("mysql", "mariadb"):
+        with engine.begin() as conn:
+            conn.exec_driver_sql("ALTER TABLE structures " + ", ".join(f"MODIFY {c} DOUBLE NULL" for c in LATTICE))
     rows = build_fixture().rows
     with engine.begin() as conn:
         if engine.dialect.name in ("mysql", "mariadb"):
@@ -209,12 +237,14 @@ EXPECTED_REFERENCE = {
     8: (801, -1.0, 0.1, 0.0), 10: (1001, -1.0, 1.0, 0.0), 11: (1102, PRECISE, 0.4, 0.0),
     12: (1301, -0.9, 1.0, 0.0), 14: (1501, -1.2, 3.0, 0.0), 16: (1601, 7.0, 0.0, 0.0),
     20: "no_atoms", 21: "unknown_element", 22: "singular_lattice", 23: "nan_target", 24: "no_structure",
+    25: "null_lattice", 26: "natoms_mismatch", 27: "natoms_mismatch", 28: (2801, -1.0, 1.0, 0.0),
 }
 EXPECTED_CANONICAL = {
     1: (102, -3.35, 2.31, 0.0), 3: (302, -1.7, 0.8, 0.0), 4: (401, -1.3, float("nan"), 2.2),
     7: (702, -0.7, 0.5, 0.0), 8: (801, -1.0, 0.1, 0.0), 9: (901, 6.0, 1.0, 0.0), 11: (1102, PRECISE, 0.4, 0.0),
     14: (1401, -1.0, 1.0, 0.0), 16: (1601, -0.5, 0.0, 0.0), 23: (2301, -1.0, float("nan"), 0.0),
     20: "no_atoms", 21: "unknown_element", 22: "singular_lattice", 24: "no_structure",
+    25: "null_lattice", 26: "natoms_mismatch", 27: "natoms_mismatch", 28: (2801, -1.0, 1.0, 0.0),
 }
 VOLUME_PA = {1: CUBIC_A ** 3 / 5, 3: abs(np.linalg.det(HEX)) / 4, 4: abs(np.linalg.det(FCC_PRIM)) / 2}
 
@@ -361,6 +391,52 @@ def test_keyset_pages_and_resume(fixture_db):
     assert [r.key for r in OqmdReader(fixture_db, batch_size=4).records(after=7)] == [k for k in full if k > 7]
     assert OqmdReader(fixture_db).count() == len(full)
     assert OqmdReader(fixture_db).count(after=7) == len([k for k in full if k > 7])
+
+
+NOT_SELECTED = {"reference": {6, 9, 29}, "canonical": {2, 5, 6, 10, 12, 13, 15, 29}}
+
+
+@pytest.mark.parametrize("selection", ["reference", "canonical"])
+def test_not_selected_keys_are_counted(fixture_db, selection):
+    """Issue 8: an entry whose only calculation is unconverged (29) is passed over and counted, per page."""
+    for batch in (1000, 2, 1):
+        reader = OqmdReader(fixture_db, selection=selection, batch_size=batch)
+        got = {r.key for r in reader}
+        assert 29 not in got
+        assert reader.not_selected == len(NOT_SELECTED[selection]), batch
+    parts = []
+    for i in range(3):
+        reader = OqmdReader(fixture_db, selection=selection, batch_size=2, filters=Filters(shard=(i, 3)))
+        list(reader)
+        parts.append(reader.not_selected)
+    assert parts == [sum(k % 3 == i for k in NOT_SELECTED[selection]) for i in range(3)]
+
+
+def test_database_defects_are_skipped_with_reasons(fixture_db, tmp_path):
+    """Issue 8: NULL lattice columns, natoms against the atom rows, 512 atoms, unconverged-only entry."""
+    import csv
+
+    from cgnn_dgl.cache import load_packed
+    from ingest.run import run_ingest
+
+    url = fixture_db.url.render_as_string(hide_password=False)
+    s = run_ingest(url, tmp_path / "c", workers=1, batch_size=4, progress=False)
+    rejects = {int(r["key"]): r for r in csv.DictReader((tmp_path / "c" / "rejects.csv").open())}
+    assert rejects[25]["reason"] == "null_lattice" and "x2, z3 are NULL" in rejects[25]["message"]
+    assert rejects[26]["reason"] == "natoms_mismatch"
+    assert "structure 261 says natoms = 3" in rejects[26]["message"] and "2 atom rows" in rejects[26]["message"]
+    assert rejects[27]["reason"] == "natoms_mismatch" and "calculation 2701 says natoms = 4" in rejects[27]["message"]
+    packed = load_packed(tmp_path / "c")
+    k = list(packed.entry_id).index(28)
+    assert packed.node_ptr[k + 1] - packed.node_ptr[k] == 512
+    assert 29 not in set(packed.entry_id) and 29 not in rejects
+    assert s.not_selected == len(NOT_SELECTED["reference"])
+    assert any(label.startswith("not selected (entry groups without a converged") and n == 3
+               for label, n in s.rows())
+    import json
+
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert json.dumps(manifest).count('"not_selected": 3') == 1
 
 
 def test_synthetic_names(fixture_db):
@@ -511,6 +587,33 @@ def test_lost_connection_is_retried(fixture_db, caplog):
             killed += 1
     assert got == expected
     assert killed == 2
+    engine.dispose()
+    admin.dispose()
+
+
+@needs_mysql
+@pytest.mark.parametrize("fixture_db", ["mariadb"], indirect=True)
+def test_lost_connection_in_the_middle_of_a_page_is_retried(fixture_db, caplog):
+    """Kill the connection after a page's rows were read and before its atoms are: the page is re-read."""
+    expected = [(r.key, r.reason, r.flags.get("calculation_id")) for r in OqmdReader(fixture_db)]
+    engine = make_engine(fixture_db.url)
+    admin = sa.create_engine(fixture_db.url, isolation_level="AUTOCOMMIT")
+    kills = []
+
+    @sa.event.listens_for(engine, "before_cursor_execute")
+    def kill_before_atoms(conn, cursor, statement, params, context, executemany):
+        if "FROM atoms" in statement and "structure_id IN" in statement and len(kills) < 3:
+            cid = conn.exec_driver_sql("SELECT CONNECTION_ID()").scalar()
+            with admin.connect() as other:
+                other.exec_driver_sql(f"KILL {int(cid)}")
+            kills.append(cid)
+
+    reader = OqmdReader(engine, batch_size=4, backoff=0.01)
+    with caplog.at_level(logging.WARNING, logger="ingest.reader"):
+        got = [(r.key, r.reason, r.flags.get("calculation_id")) for r in reader]
+    assert len(kills) == 3 and reader.retried == 3
+    assert got == expected  # nothing skipped, nothing read twice
+    assert sum("retry" in r.getMessage() for r in caplog.records) == 3
     engine.dispose()
     admin.dispose()
 

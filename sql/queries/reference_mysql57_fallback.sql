@@ -13,7 +13,7 @@ FROM entries AS e INNER JOIN calculations AS c ON c.entry_id = e.id INNER JOIN f
 WHERE c.label IN ('static', 'standard') AND c.converged = true AND e.duplicate_of_id IS NOT NULL AND f.delta_e < 5.0 AND e.duplicate_of_id > 100 AND e.duplicate_of_id <= 1180 ORDER BY e.duplicate_of_id;
 
 -- 3. chosen calculation per key of the page
-SELECT e.duplicate_of_id AS `key`, k.path AS key_path, c.entry_id AS entry_id, c.id AS calculation_id, c.label AS calc_label, f.id AS formationenergy_id, f.fit_id AS fit, f.delta_e AS delta_e, c.band_gap AS band_gap, c.magmom AS magmom, c.natoms AS calc_natoms, c.output_id AS structure_id, s.id AS structure_found, s.x1 AS x1, s.x2 AS x2, s.x3 AS x3, s.y1 AS y1, s.y2 AS y2, s.y3 AS y3, s.z1 AS z1, s.z2 AS z2, s.z3 AS z3, 1 AS elements_ok 
+SELECT e.duplicate_of_id AS `key`, k.path AS key_path, c.entry_id AS entry_id, c.id AS calculation_id, c.label AS calc_label, f.id AS formationenergy_id, f.fit_id AS fit, f.delta_e AS delta_e, c.band_gap AS band_gap, c.magmom AS magmom, c.natoms AS calc_natoms, c.output_id AS structure_id, s.id AS structure_found, s.natoms AS structure_natoms, s.x1 AS x1, s.x2 AS x2, s.x3 AS x3, s.y1 AS y1, s.y2 AS y2, s.y3 AS y3, s.z1 AS z1, s.z2 AS z2, s.z3 AS z3, 1 AS elements_ok 
 FROM calculations AS c INNER JOIN entries AS e ON e.id = c.entry_id INNER JOIN formation_energies AS f ON f.calculation_id = c.id AND f.id = (SELECT min(f2.id) AS min_1 
 FROM formation_energies AS f2 
 WHERE f2.calculation_id = c.id) INNER JOIN entries AS k ON k.id = e.duplicate_of_id LEFT OUTER JOIN structures AS s ON s.id = c.output_id 
