@@ -186,6 +186,32 @@ def check_shard(root: Path, shard: dict, expected: dict | None = None) -> str | 
     return None
 
 
+def _describe_source(src: dict) -> str:
+    if src.get("kind") == "files":
+        n = src.get("count")
+        return f"{n} structure{'' if n == 1 else 's'} of {', '.join(src.get('inputs', []))}"
+    if src.get("kind") == "oqmd-db":
+        return f"{src.get('db')} (selection {src.get('selection')}, filters {src.get('filters')})"
+    return str(src)
+
+
+def source_change(root, old: dict, new: dict) -> str:
+    """What differs between the inputs a cache was built from and the ones given now, and what to do.
+
+    A cache is a snapshot of its inputs: resuming is for the same inputs only, so a folder that gained
+    or lost files is a new build, not a resume.
+    """
+    what = "use a new --out folder, or --overwrite to rebuild it from the inputs as they are now"
+    if old.get("kind") == new.get("kind") == "files" and old.get("inputs") == new.get("inputs"):
+        if old.get("count") != new.get("count"):
+            return (f"{root} was built from {old.get('count')} structures of {', '.join(new['inputs'])}, "
+                    f"which hold {new.get('count')} now; a cache is a snapshot of its inputs, so it "
+                    f"cannot resume with files added or removed: {what}")
+        return (f"{root} was built from the same inputs read differently ({old.get('read', {})} then, "
+                f"{new.get('read', {})} now): {what}")
+    return f"{root} was built from {_describe_source(old)}, not from {_describe_source(new)}: {what}"
+
+
 class CacheWriter:
     """Appends shards to a cache folder atomically and tells builders which keys are already done."""
 
@@ -218,10 +244,7 @@ class CacheWriter:
             }
         else:
             if manifest.get("source") != self.source:
-                raise CacheMismatch(
-                    f"{self.root} was built from another source ({manifest.get('source')}); "
-                    "use a new --out folder or --overwrite"
-                )
+                raise CacheMismatch(source_change(self.root, manifest.get("source") or {}, self.source))
             held = tuple(manifest.get("targets", TARGETS))
             if held != self.targets:
                 raise CacheMismatch(

@@ -46,25 +46,34 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # stage not built yet
             raise
         module.register(sub)
-    _verbose_everywhere(parser)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (also $CGNN_NO_PROGRESS=1)")
+    _common_options_everywhere(parser)
     return parser
 
 
-def _verbose_everywhere(parser: argparse.ArgumentParser) -> None:
-    """``-v`` after the subcommand too (``cgnn train -v ...``); SUPPRESS keeps a ``-v`` given before it."""
+def _common_options_everywhere(parser: argparse.ArgumentParser) -> None:
+    """``-v`` and ``--no-progress`` after the subcommand too (``cgnn train -v ...``); SUPPRESS keeps one
+    given before it."""
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for child in action.choices.values():
                 with contextlib.suppress(argparse.ArgumentError):  # unless the command has its own -v
                     child.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                                        help="debug logging")
-                _verbose_everywhere(child)
+                with contextlib.suppress(argparse.ArgumentError):  # ingest has its own --no-progress
+                    child.add_argument("--no-progress", action="store_true", default=argparse.SUPPRESS,
+                                       help="no progress bars (also $CGNN_NO_PROGRESS=1)")
+                _common_options_everywhere(child)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    if args.no_progress:
+        from cgnn_dgl.report import disable_progress
+
+        disable_progress()
     try:
         return int(args.func(args) or 0)
     except UsageError as exc:

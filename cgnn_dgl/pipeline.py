@@ -204,10 +204,11 @@ def _cmd_graphs(args) -> int:
                               ("delimiter", args.delimiter)) if v is not None}
     if read:  # how the inputs were read is part of what the cache holds
         source["read"] = read
-    if read_manifest(Path(args.out)) is not None and not args.overwrite:
-        print(f"resuming the cache in {args.out}")
+    resuming = read_manifest(Path(args.out)) is not None and not args.overwrite
     writer = CacheWriter(args.out, source=source, params=params, shard_size=args.shard_size, overwrite=args.overwrite,
                          targets=names, units=units)
+    if resuming:  # only once the cache is known to be of these inputs
+        print(f"resuming the cache in {args.out}")
     for shard, reason in writer.invalid:
         print(f"rebuilding {shard['file']} (keys {shard['key_first']}..{shard['key_last']}): {reason}")
     summary = build_cache(items, writer, workers=args.workers, params=params, total=len(items))

@@ -1,6 +1,7 @@
 """Plain-text tables and progress bars shared by every command (stdout stays grep-friendly)."""
 from __future__ import annotations
 
+import os
 import resource
 import sys
 from collections.abc import Iterable, Sequence
@@ -49,10 +50,21 @@ def _numeric(text: str) -> bool:
     return text.replace(",", "").replace(".", "", 1).replace("-", "", 1).replace("e", "", 1).isdigit()
 
 
+_PROGRESS_OFF = False  # set by ``--no-progress`` (any command) or $CGNN_NO_PROGRESS
+
+
+def disable_progress(off: bool = True) -> None:
+    """Turn every progress bar of this process off (``cgnn ... --no-progress``)."""
+    global _PROGRESS_OFF
+    _PROGRESS_OFF = off
+
+
 def progress(iterable=None, *, total=None, desc: str = "", unit: str = "it", disable: bool | None = None):
     """tqdm on stderr, silent when stderr is not a terminal unless asked (keeps CI logs short)."""
     from tqdm.auto import tqdm
 
-    if disable is None:
+    if _PROGRESS_OFF or os.environ.get("CGNN_NO_PROGRESS", "") not in ("", "0"):
+        disable = True
+    elif disable is None:
         disable = not sys.stderr.isatty()
     return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable, dynamic_ncols=True, smoothing=0.1)

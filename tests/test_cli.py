@@ -46,3 +46,49 @@ def test_counts_below_one_are_one_line_usage_errors(argv, capsys):
         cli.build_parser().parse_args(argv)
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "expected a whole number >= 1" in err and err.count("\n") == 1
+
+
+def _leaf_parsers(parser, path=()):
+    import argparse
+
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield path, parser
+    for action in subs:
+        for name, child in action.choices.items():
+            yield from _leaf_parsers(child, (*path, name))
+
+
+def test_every_command_takes_no_progress():
+    leaves = list(_leaf_parsers(cli.build_parser()))
+    assert len(leaves) >= 10
+    missing = [" ".join(path) for path, p in leaves if "--no-progress" not in p._option_string_actions]
+    assert missing == []
+
+
+@pytest.mark.parametrize("where", ["before", "after", "env"])
+def test_no_progress_silences_the_bars(where, monkeypatch, capsys, tmp_path):
+    """With stderr a terminal, `cgnn graphs` shows a bar; --no-progress (either side) or the env var hides it."""
+    import sys
+
+    from cgnn_dgl import report
+
+    monkeypatch.setattr(report, "_PROGRESS_OFF", False)
+    monkeypatch.delenv("CGNN_NO_PROGRESS", raising=False)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    assert cli.main(["examples", "--out", str(tmp_path / "cifs"), "--limit", "12"]) == 0
+    argv = ["graphs", str(tmp_path / "cifs"), "--out", str(tmp_path / "shown"), "--workers", "1"]
+    assert cli.main(argv) == 0
+    shown = capsys.readouterr().err
+    assert "struct" in shown and "%" in shown  # the bar is there when nothing turns it off
+
+    argv[argv.index("--out") + 1] = str(tmp_path / "quiet")
+    if where == "before":
+        argv = ["--no-progress", *argv]
+    elif where == "after":
+        argv = [*argv, "--no-progress"]
+    else:
+        monkeypatch.setenv("CGNN_NO_PROGRESS", "1")
+    assert cli.main(argv) == 0
+    quiet = capsys.readouterr().err
+    assert "%|" not in quiet and "struct/s" not in quiet

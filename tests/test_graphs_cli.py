@@ -386,3 +386,28 @@ def test_multi_block_cif_gives_every_block(tmp_path):
     packed, rejects = build_inputs([str(tmp_path / "in")])
     assert packed.names == ["multi.cif#Cu", "multi.cif#Ag", "single"]
     assert [r.name for r in rejects] == [f"{tmp_path / 'in' / 'multi.cif'}#bad"]
+
+
+def test_rerun_after_adding_a_file_says_what_to_do(tmp_path, capsys):
+    """Issue 8.10: a folder that gained a file is not a resume: one clear error, then --overwrite works."""
+    inputs = tmp_path / "in"
+    assert main(["examples", "--out", str(inputs), "--limit", "5"]) == 0
+    out = tmp_path / "c"
+    assert main(["graphs", str(inputs), "--out", str(out), "--workers", "1"]) == 0
+    capsys.readouterr()
+    (inputs / "extra.vasp").write_text(POSCAR_NACL)
+    assert main(["graphs", str(inputs), "--out", str(out), "--workers", "1"]) == 1
+    res = capsys.readouterr()
+    assert "resuming" not in res.out
+    assert "built from 5 structures" in res.err and "hold 6 now" in res.err and "--overwrite" in res.err
+    assert res.err.count("\n") == 1
+    assert main(["graphs", str(inputs), "--out", str(out), "--workers", "1", "--overwrite"]) == 0
+    assert len(load_packed(out).names) == 6
+    # another folder altogether names both
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "nacl.vasp").write_text(POSCAR_NACL)
+    capsys.readouterr()
+    assert main(["graphs", str(other), "--out", str(out), "--workers", "1"]) == 1
+    err = capsys.readouterr().err
+    assert f"built from 6 structures of {inputs.resolve()}, not from 1 structure of {other.resolve()}" in err
