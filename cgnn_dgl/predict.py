@@ -340,13 +340,16 @@ def register(sub) -> None:
     p.add_argument("--arch", choices=["benchmark", "no_edgenet", "complete"],
                    help="preset of a plain reference state_dict (official CGNN checkpoints)")
     p.add_argument("--db", metavar="URL", help="also predict the entries of this database (needs ingest.reader)")
-    p.add_argument("--limit", type=int, default=None, help="at most this many database entries")
-    p.add_argument("--batch-size", type=int, default=512)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--backend", default="auto", choices=["auto", "dgl", "torch"], help="graph-ops backend")
-    p.add_argument("--workers", type=int, default=1, help="processes building graphs")
+    from cgnn_dgl.errors import positive_int
+
+    p.add_argument("--limit", type=positive_int, default=None, help="at most this many database entries")
+    p.add_argument("--batch-size", type=positive_int, default=512, help="structures per forward pass (default 512)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the model runs (default cpu)")
+    p.add_argument("--backend", default="auto", choices=["auto", "dgl", "torch"],
+                   help="graph-ops backend (default auto: DGL's kernels where the installed DGL supports the device, else plain torch)")
+    p.add_argument("--workers", type=positive_int, default=1, help="processes building graphs (default 1)")
     p.add_argument("--pruning", default="auto", choices=["auto", "exact", "kmeans"],
-                   help="neighbour pruning of the graphs: auto = kmeans (the reference's KMeans choices) with "
+                   help="neighbour pruning of the graphs (default auto): auto = kmeans (the reference's KMeans choices) with "
                         "--arch reference weights, else exact (use the pruning the model's cache was built with)")
     from cgnn_dgl.pipeline import add_overlap_arg
 

@@ -983,22 +983,25 @@ def register(sub) -> None:
     p.add_argument("--model", metavar="RUN", help="best.pt of a `cgnn train` run (or a run folder holding it)")
     p.add_argument("--prototype", metavar="PROTO.cif", help="CIF/POSCAR of the prototype structure")
     p.add_argument("--site", action="append", default=[], metavar="I[,J..]=EL,EL..",
-                   help="element pool for prototype site(s) by index, e.g. 0=Li,Na,K or 2,3,4=O,N,F (repeat)")
+                   help="element pool for prototype site(s) by index, e.g. 0=Li,Na,K or 2,3,4=O,N,F (repeat; required)")
     p.add_argument("--out", metavar="DIR", help="output folder (a rerun with the same settings resumes)")
     p.add_argument("--top", type=int, default=20, help="write CIFs of the best K candidates (default 20)")
     p.add_argument("--db", metavar="URL", help="known phases (OQMD schema) for energies above the hull")
     p.add_argument("--selection", default="reference", choices=["reference", "canonical"],
-                   help="which calculation represents a known material (as in cgnn ingest)")
+                   help="which calculation represents a known material (as in cgnn ingest; default reference)")
     p.add_argument("--rank-by", metavar="TARGET",
                    help="ranking key: a model target or e_above_hull (default: e_above_hull with --db and a "
                         "formation-energy model, else formation_energy)")
     p.add_argument("--descending", action="store_true", help="rank the largest value first")
     p.add_argument("--shard", metavar="i/N", help="screen only candidates with key %% N == i (then merge)")
-    p.add_argument("--chunk-size", type=int, default=8192, help="decoration keys per chunk (one part file each)")
-    p.add_argument("--batch-size", type=int, default=1024)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    from cgnn_dgl.errors import positive_int
+
+    p.add_argument("--chunk-size", type=positive_int, default=8192,
+                   help="decoration keys per chunk, one part file each (default 8192)")
+    p.add_argument("--batch-size", type=positive_int, default=1024, help="candidates per forward pass (default 1024)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the model runs (default cpu)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    p.add_argument("--symprec", type=float, default=1e-3, help="spglib tolerance for the prototype's symmetry (Å)")
+    p.add_argument("--symprec", type=float, default=1e-3, help="spglib tolerance for the prototype's symmetry, Å (default 0.001)")
     from cgnn_dgl.pipeline import add_overlap_arg
 
     add_overlap_arg(p)

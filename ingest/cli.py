@@ -124,7 +124,9 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, metavar="CACHE", help="cache folder (created, or resumed)")
     p.add_argument("--workers", type=_positive, default=max(1, os.cpu_count() or 1),
                    help="graph-building processes (default: all cores)")
-    p.add_argument("--selection", choices=("reference", "canonical"), default="reference")
+    p.add_argument("--selection", choices=("reference", "canonical"), default="reference",
+                   help="which calculation represents an entry: the reference CGNN's rule or the standard-fit "
+                        "query of the OQMD docs (default: reference)")
     p.add_argument("--shard", metavar="i/N", help="take only entries with id %% N == i (for N machines; join the "
                                                    "caches with `cgnn cache merge`)")
     p.add_argument("--elements", metavar="Fe,O", help="only materials made of these elements (all atoms in the list)")

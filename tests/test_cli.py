@@ -92,3 +92,12 @@ def test_no_progress_silences_the_bars(where, monkeypatch, capsys, tmp_path):
     assert cli.main(argv) == 0
     quiet = capsys.readouterr().err
     assert "%|" not in quiet and "struct/s" not in quiet
+
+
+def test_every_option_and_argument_has_a_help_text():
+    """Issue 8.10: options without help (graphs --workers, evaluate --run, ...) left users guessing."""
+    import argparse
+
+    bare = [f"{' '.join(path)} {a.option_strings or a.dest}" for path, p in _leaf_parsers(cli.build_parser())
+            for a in p._actions if not isinstance(a, argparse._HelpAction) and not a.help]
+    assert bare == []
