@@ -229,6 +229,10 @@ class ModelConfig:
     # graph features, so their BCE loss trains the two logits only and never pulls on the regression
     # trunk. Off by default (no parameter, no change to any preset); needs classification_heads.
     classification_detach: bool = False
+    # Width of one hidden layer (activation ``activation``) in the classification heads; 0 = one linear
+    # layer on the graph features (a linear probe). A hidden layer lets a detached head read the trunk
+    # nonlinearly without touching the regression.
+    classification_hidden: int = 0
     # Optional scale-invariant geometry (not in the reference; off in every preset): each bond's
     # distance / cutoff, d / ((r_i + r_j) * factor_vol * 1.2), in a Gaussian basis of ``geometry_basis``
     # functions, enters every convolution's per-bond gate and message. See cgnn_dgl.model.layers.RadialBasis.
@@ -261,6 +265,10 @@ class ModelConfig:
                 raise UsageError(f"config key {key!r}: must be >= 0, got {getattr(self, key)}")
         if self.classification_detach and not (self.classification_heads or self.binary_targets):
             raise UsageError("config key 'classification_detach': needs classification_heads: true or binary_targets")
+        if self.classification_hidden < 0:
+            raise UsageError(f"config key 'classification_hidden': must be >= 0, got {self.classification_hidden}")
+        if self.classification_hidden and not (self.classification_heads or self.binary_targets):
+            raise UsageError("config key 'classification_hidden': needs classification_heads: true or binary_targets")
         if self.geometry and self.geometry_basis < 2:
             raise UsageError(f"config key 'geometry_basis': must be >= 2, got {self.geometry_basis}")
         if self.n_edge_net_layers > 0 and self.n_edge_net_feat < 1:

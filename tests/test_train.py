@@ -425,6 +425,12 @@ def test_detached_classification_heads_leave_the_regression_untouched(cache, tmp
     assert same_weights(plain, {k: v for k, v in detached.items() if not k.startswith("classification.")})
     assert not same_weights(plain, {k: v for k, v in attached.items() if not k.startswith("classification.")})
     assert not torch.equal(detached["classification.linear.weight"], attached["classification.linear.weight"])
+    # a hidden layer in the detached head: still bit-identical regression, and the head has two layers
+    hidden = run("hidden", classification_heads=True, classification_detach=True, classification_hidden=8)
+    assert hidden["classification.hidden.weight"].shape[0] == 8
+    assert same_weights(plain, {k: v for k, v in hidden.items() if not k.startswith("classification.")})
+    with pytest.raises(UsageError, match="classification_hidden"):
+        RunConfig.from_dict({"model": {**TINY_MODEL, "classification_hidden": 8}, "train": {}})
     with pytest.raises(UsageError, match="classification_detach"):
         RunConfig.from_dict({"model": {**TINY_MODEL, "classification_detach": True}, "train": {}})
 

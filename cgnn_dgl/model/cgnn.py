@@ -14,6 +14,7 @@ from cgnn_dgl.graph_ops import GraphIndex, mean_per_crystal
 from cgnn_dgl.model.activations import get_activation
 from cgnn_dgl.model.layers import (
     AggregatedEdgeNetwork,
+    ClassificationHead,
     EdgeNetwork,
     FastEdgeNetwork,
     FullConnection,
@@ -110,7 +111,8 @@ class CGNN(nn.Module):
         from cgnn_dgl.tasks import class_names
 
         n_classes = len(class_names(c))
-        self.classification = LinearRegression(c.n_graph_feat, n_classes) if n_classes else None
+        self.classification = (ClassificationHead(c.n_graph_feat, n_classes, c.classification_hidden, act())
+                               if n_classes else None)
         self.register_buffer("target_mean", torch.zeros(c.n_targets))
         self.register_buffer("target_std", torch.ones(c.n_targets))
 

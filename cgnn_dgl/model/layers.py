@@ -416,6 +416,22 @@ class FullConnection(nn.Module):
         return self.activation(self.linear(x))
 
 
+class ClassificationHead(nn.Module):
+    """Logits from the graph features: one linear layer (``hidden`` 0, state-dict keys ``linear.*`` as
+    before) or ``Linear -> activation -> Linear`` with ``hidden`` units (keys ``hidden.*``, ``linear.*``)."""
+
+    def __init__(self, in_features: int, out_features: int, hidden: int = 0, activation: nn.Module | None = None):
+        super().__init__()
+        self.hidden = nn.Linear(in_features, hidden) if hidden else None
+        self.activation = activation if hidden else None
+        self.linear = nn.Linear(hidden or in_features, out_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.hidden is not None:
+            x = self.activation(self.hidden(x))
+        return self.linear(x)
+
+
 class LinearRegression(nn.Module):
     """``y = W Γ + b`` with ``n_targets`` outputs; never squeezed (a batch of one stays (1, n_targets))."""
 
