@@ -238,6 +238,10 @@ class ModelConfig:
     # functions, enters every convolution's per-bond gate and message. See cgnn_dgl.model.layers.RadialBasis.
     geometry: bool = False
     geometry_basis: int = 16
+    # Optional elemental descriptors (not in the reference; off in every preset): 16 standardized
+    # element properties (Z, row, group, electronegativity, radius, ...) enter the node embedding
+    # beside the one-hot. See cgnn_dgl.model.species.species_descriptors.
+    species_descriptors: bool = False
 
     PRESETS: typing.ClassVar[dict[str, dict[str, Any]]] = {}
 

@@ -27,6 +27,7 @@ from cgnn_dgl.model import (
     get_activation,
     load_reference_state_dict,
 )
+from cgnn_dgl.model.species import DESCRIPTOR_NAMES, N_DESCRIPTORS, species_descriptors
 from cgnn_dgl.schema import BOND
 
 SHARED = shared_dir()
@@ -70,6 +71,8 @@ def naive_forward(model: CGNN, z: torch.Tensor, gi: GraphIndex) -> torch.Tensor:
     onehot = torch.zeros(len(z), 89, dtype=model.embedding.linear.weight.dtype)
     onehot[torch.arange(len(z)), torch.tensor([SPECIES_Z.index(int(v)) for v in z])] = 1
     x = onehot @ model.embedding.linear.weight.t()
+    if c.species_descriptors:  # W_d d(Z): the descriptor row of each atom's species
+        x = x + onehot @ model.embedding.descriptor_table.to(x.dtype) @ model.embedding.descriptor.weight.t()
 
     def mean_pool(v):
         out = torch.zeros(gi.n_crystals, v.shape[1], dtype=v.dtype).index_add_(0, gi.atom_crystal, v)
@@ -179,6 +182,8 @@ VARIANTS = {
     "fc1": dict(n_fc=1, use_batch_norm=True),
     "extension": dict(use_extension=True),
     "geometry": dict(geometry=True, geometry_basis=5),
+    "descriptors": dict(species_descriptors=True),
+    "descriptors_geometry_bn": dict(species_descriptors=True, geometry=True, use_batch_norm=True, full_pooling=True),
     "geometry_benchmark_like": dict(geometry=True, use_batch_norm=True, full_pooling=True, gated_pooling=True),
     "geometry_edge_bn": dict(geometry=True, geometry_basis=4, use_edge_batch_norm=True, edge_activation="relu"),
     "geometry_fast1_sc": dict(geometry=True, n_edge_net_layers=1, use_fast_edge_network=True, fast_edge_network_type=1,
@@ -499,6 +504,52 @@ def test_geometry_off_leaves_every_preset_unchanged():
         extra = {k: tuple(v.shape) for k, v in on.state_dict().items() if k not in model.state_dict()}
         assert sorted(extra) == [f"convs.{t}.geometry.weight" for t in range(cfg.n_conv)]
         assert all(shape[1] == 7 for shape in extra.values())
+
+
+# optional elemental descriptors (model.species_descriptors)
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_descriptors_off_leaves_every_preset_unchanged():
+    for name in ModelConfig.PRESETS:
+        cfg = ModelConfig.preset(name, targets=ONE)
+        assert cfg.species_descriptors is False
+        keys = CGNN(cfg).state_dict().keys()
+        assert not any("descriptor" in k for k in keys)
+        on = CGNN(ModelConfig.preset(name, targets=ONE, species_descriptors=True)).state_dict()
+        extra = {k: tuple(v.shape) for k, v in on.items() if k not in keys}
+        assert extra == {"embedding.descriptor_table": (89, N_DESCRIPTORS),
+                         "embedding.descriptor.weight": (cfg.n_hidden_feat, N_DESCRIPTORS)}
+
+
+def test_species_descriptors_table():
+    """Standardized columns, no gaps, and the chemistry in the right order."""
+    t = species_descriptors().double()
+    assert t.shape == (89, N_DESCRIPTORS) and torch.isfinite(t).all()
+    torch.testing.assert_close(t.mean(0), torch.zeros(N_DESCRIPTORS, dtype=t.dtype), atol=1e-6, rtol=0)
+    torch.testing.assert_close(t.std(0), torch.ones(N_DESCRIPTORS, dtype=t.dtype), atol=1e-6, rtol=0)
+    col = {name: t[:, k] for k, name in enumerate(DESCRIPTOR_NAMES)}
+    row = {z: i for i, z in enumerate(SPECIES_Z)}
+    assert bool((col["Z"].diff() > 0).all())  # Z increases along the species order
+    assert int(col["X"].argmax()) == row[9]  # fluorine is the most electronegative
+    assert col["X"][row[8]] > col["X"][row[11]]  # O more than Na
+    assert col["atomic_mass"][row[92]] > col["atomic_mass"][row[26]]
+    for z, block in ((1, "s"), (8, "p"), (26, "d"), (92, "f"), (57, "f")):
+        onehot = {b: float(col[f"block_{b}"][row[z]] > 0) for b in "spdf"}
+        assert onehot == {b: float(b == block) for b in "spdf"}, z
+
+
+def test_descriptors_give_rare_species_a_shared_start():
+    """The embedding is one-hot column + W_d d(Z), and d puts similar elements (Na, K) closer
+    together than dissimilar ones (Na, F), so a species rare in training starts near its relatives."""
+    torch.manual_seed(0)
+    model = CGNN(ModelConfig.from_dict({**SMALL, "species_descriptors": True}))
+    z = torch.tensor([11, 19, 9])
+    table = model.embedding.descriptor_table
+    d = table[[SPECIES_Z.index(int(v)) for v in z]]
+    want = model.embedding.linear.weight.t()[[SPECIES_Z.index(int(v)) for v in z]] + d @ model.embedding.descriptor.weight.t()
+    torch.testing.assert_close(model.embedding(z), want)
+    assert torch.dist(d[0], d[1]) < 0.5 * torch.dist(d[0], d[2])
 
 
 def _dev_crystals(k=40):

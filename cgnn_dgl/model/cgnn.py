@@ -56,7 +56,7 @@ class CGNN(nn.Module):
         self.config = config
         c = config
         act = lambda: get_activation(c.activation)  # noqa: E731 - one module instance per use
-        self.embedding = NodeEmbedding(c.n_hidden_feat)
+        self.embedding = NodeEmbedding(c.n_hidden_feat, c.species_descriptors)
         convs = []
         for _ in range(c.n_conv):
             edge_net = None

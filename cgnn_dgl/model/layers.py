@@ -20,7 +20,7 @@ from torch.nn import functional as F
 
 from cgnn_dgl import graph_ops as go
 from cgnn_dgl.graph_ops import GraphIndex
-from cgnn_dgl.model.species import N_SPECIES, species_index, species_table
+from cgnn_dgl.model.species import N_DESCRIPTORS, N_SPECIES, species_descriptors, species_index, species_table
 
 
 def bn_act(num_features: int, activation: nn.Module | None, use_batch_norm: bool) -> nn.Module | None:
@@ -50,16 +50,28 @@ def edge_net_shortcuts(in_features: int, out_features: int, n_layers: int) -> nn
 
 
 class NodeEmbedding(nn.Module):
-    """``h = W_emb onehot(Z)`` done as a column lookup of ``linear.weight`` (d_h, 89)."""
+    """``h = W_emb onehot(Z)`` done as a column lookup of ``linear.weight`` (d_h, 89).
 
-    def __init__(self, out_features: int):
+    With ``descriptors`` (``model.species_descriptors``) a bias-free ``W_d d(Z)`` of the standardized
+    element properties (:func:`~cgnn_dgl.model.species.species_descriptors`) is added, so that species
+    seen rarely in training start near chemically similar ones. Off: no new parameter or buffer.
+    """
+
+    def __init__(self, out_features: int, descriptors: bool = False):
         super().__init__()
         self.linear = nn.Linear(N_SPECIES, out_features, bias=False)
         self.register_buffer("species_table", species_table(), persistent=False)
+        self.descriptor = None
+        if descriptors:
+            self.register_buffer("descriptor_table", species_descriptors())
+            self.descriptor = nn.Linear(N_DESCRIPTORS, out_features, bias=False)
 
     def forward(self, z: Tensor) -> Tensor:
         idx = species_index(z, self.species_table)
-        return F.embedding(idx, self.linear.weight.t())
+        h = F.embedding(idx, self.linear.weight.t())
+        if self.descriptor is not None:
+            h = h + self.descriptor(self.descriptor_table[idx])
+        return h
 
 
 class BatchNormBilinear(nn.Module):
