@@ -378,6 +378,11 @@ class TrainConfig:
     gamma: float = 0.1  # cosine: eta_min
     warmup_epochs: int = 0  # > 0: linear LR warm-up from lr / (warmup_epochs + 1) over these epochs, then the schedule
     clip_value: float = 0.0  # > 0: clip_grad_value_
+    # > 0: "precise batch norm". Before each validation the batch-norm running statistics are recomputed
+    # as the plain average over the whole training split, in batches of this size, instead of the
+    # momentum-0.1 trace of the last ~10 training batches. At small batch sizes that trace is noisy, so
+    # validation scores (and the best.pt choice) jitter from epoch to epoch even at a tiny LR.
+    precise_bn_batch_size: int = 0
     seed: int = 12345
     patience: int = 0  # early stopping: stop after this many epochs without improvement (0 = off)
     min_delta: float = 0.0
@@ -441,6 +446,8 @@ class TrainConfig:
             bad(f"amp: {self.amp!r} is not one of {AMP_MODES}")
         if self.lr <= 0:
             bad(f"lr must be > 0 (got {self.lr})")
+        if self.precise_bn_batch_size < 0:
+            bad(f"precise_bn_batch_size must be >= 0 (got {self.precise_bn_batch_size})")
         if self.batch_size < 1 or self.eval_batch_size < 0:
             bad("batch_size must be >= 1 and eval_batch_size >= 0")
         if self.epochs < 0:

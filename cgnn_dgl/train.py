@@ -445,6 +445,30 @@ class Trainer:
             "score": float(np.mean(used_mae)) if used_mae else float("nan"),
         }
 
+    def _precise_bn(self, indices: np.ndarray) -> None:
+        """Replace every batch norm's running statistics by their average over ``indices`` (the training
+        split), in batches of ``train.precise_bn_batch_size``, forward only. Trunk modules frozen this
+        epoch keep theirs; under DDP each process averages over its own shard (as plain DDP does)."""
+        frozen = self.epoch < self.t.freeze_trunk_epochs
+        self.model.train()
+        if frozen:
+            for trunk in self._trunk_modules:
+                trunk.eval()  # eval-mode batch norm neither uses nor updates batch statistics
+        bns = [m for m in self.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+               and m.track_running_stats and m.training]
+        if not bns:
+            return
+        momenta = [m.momentum for m in bns]
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the batches
+        idx = shard_indices(indices, self.dist.rank, self.dist.world)
+        with torch.no_grad():
+            for z, gi, _, _ in self._batches(idx, self.t.precise_bn_batch_size):
+                self.model(z, gi)
+        for m, mom in zip(bns, momenta):
+            m.momentum = mom
+
     # -- loop --------------------------------------------------------------------------------------
     def fit(self) -> dict:
         t = self.t
@@ -457,6 +481,8 @@ class Trainer:
             t0 = time.perf_counter()
             lr = self.opt.param_groups[0]["lr"]
             tr = self._pass(train_idx, True, f"epoch {self.epoch + 1}/{t.epochs} train")
+            if t.precise_bn_batch_size:
+                self._precise_bn(train_idx)
             va = self._pass(val_idx, False, "val") if len(val_idx) else None
             if self.sched is not None:
                 self.sched.step()

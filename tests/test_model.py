@@ -198,8 +198,11 @@ VARIANTS = {
 def _model(overrides: dict, seed: int = 0, **extra) -> CGNN:
     torch.manual_seed(seed)
     model = CGNN(ModelConfig.from_dict({**SMALL, **overrides, **extra}))
-    # random BN affine parameters and running stats, so that batch norm is not the identity
+    # random BN affine parameters and running stats, so that batch norm is not the identity, and a
+    # nonzero descriptor map (its init is zero)
     with torch.no_grad():
+        if model.embedding.descriptor is not None:
+            model.embedding.descriptor.weight.normal_()
         for mod in model.modules():
             if isinstance(mod, torch.nn.BatchNorm1d):
                 mod.weight.uniform_(0.5, 1.5)
@@ -544,6 +547,9 @@ def test_descriptors_give_rare_species_a_shared_start():
     together than dissimilar ones (Na, F), so a species rare in training starts near its relatives."""
     torch.manual_seed(0)
     model = CGNN(ModelConfig.from_dict({**SMALL, "species_descriptors": True}))
+    assert not model.embedding.descriptor.weight.any()  # zero init: starts as the one-hot embedding
+    with torch.no_grad():
+        model.embedding.descriptor.weight.normal_()
     z = torch.tensor([11, 19, 9])
     table = model.embedding.descriptor_table
     d = table[[SPECIES_Z.index(int(v)) for v in z]]

@@ -496,3 +496,51 @@ def test_a_constant_target_is_warned_about_once(dev_corpus, tmp_path, monkeypatc
     warned = [r.getMessage() for r in caplog.records if "constant" in r.getMessage()]
     assert len(warned) == 1 and "magnetization = 0" in warned[0], warned
     assert "formation_energy" not in warned[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# precise batch norm (train.precise_bn_batch_size)
+
+
+def test_precise_bn_statistics_are_the_training_split_average(cache, tmp_path):
+    """With one batch covering the training split, each batch norm's running mean / variance equal the
+    mean / unbiased variance of its input over the whole split. The weights are those of the run
+    without it, bit for bit (running statistics do not enter a train-mode forward), while the plain
+    run's statistics (a momentum trace) differ."""
+    from cgnn_dgl.train import Trainer, load_cache, make_split
+
+    packed = load_cache(str(cache))
+
+    def fit(name, **train):
+        cfg = tiny_config(cache, tmp_path / name, epochs=2, **train)
+        (tmp_path / name).mkdir()
+        trainer = Trainer(cfg, tmp_path / name, packed, make_split(packed, cfg.train))
+        trainer.fit()
+        return trainer
+
+    plain = fit("plain")
+    precise = fit("precise", precise_bn_batch_size=100_000)
+    p_state, q_state = plain.model.state_dict(), precise.model.state_dict()
+    params = {n for n, _ in plain.model.named_parameters()}
+    assert all(torch.equal(p_state[n], q_state[n]) for n in params)
+
+    model = precise.model
+    bns = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm1d)}
+    assert bns
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: seen.__setitem__(n, inp[0].detach()))
+             for n, m in bns.items()]
+    stats = {n: (m.running_mean.clone(), m.running_var.clone()) for n, m in bns.items()}
+    train_idx = precise.split["train"]
+    z, gi, _, _ = next(precise._batches(train_idx, len(train_idx)))
+    model.train()
+    with torch.no_grad():
+        model(z, gi)
+    for h in hooks:
+        h.remove()
+    for n, (mean, var) in stats.items():
+        torch.testing.assert_close(mean, seen[n].mean(0), rtol=1e-5, atol=1e-6, msg=n)
+        torch.testing.assert_close(var, seen[n].var(0, unbiased=True), rtol=1e-4, atol=1e-6, msg=n)
+    assert any(not torch.allclose(p_state[f"{n}.running_mean"], stats[n][0]) for n in bns)
+    with pytest.raises(UsageError, match="precise_bn_batch_size"):
+        TrainConfig(precise_bn_batch_size=-1).validate()

@@ -54,7 +54,7 @@ class NodeEmbedding(nn.Module):
 
     With ``descriptors`` (``model.species_descriptors``) a bias-free ``W_d d(Z)`` of the standardized
     element properties (:func:`~cgnn_dgl.model.species.species_descriptors`) is added, so that species
-    seen rarely in training start near chemically similar ones. Off: no new parameter or buffer.
+    seen rarely in training borrow from chemically similar ones. Off: no new parameter or buffer.
     """
 
     def __init__(self, out_features: int, descriptors: bool = False):
@@ -65,6 +65,9 @@ class NodeEmbedding(nn.Module):
         if descriptors:
             self.register_buffer("descriptor_table", species_descriptors())
             self.descriptor = nn.Linear(N_DESCRIPTORS, out_features, bias=False)
+            # zero init: training starts from the one-hot embedding alone (unit-scale descriptors through
+            # a default init would swamp the one-hot columns by ~10x) and learns W_d from every species
+            nn.init.zeros_(self.descriptor.weight)
 
     def forward(self, z: Tensor) -> Tensor:
         idx = species_index(z, self.species_table)
