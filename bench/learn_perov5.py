@@ -147,7 +147,7 @@ def train_member(packed, split, cfg, run_dir) -> dict:
     """Train (or resume, or reuse when finished) one model in ``run_dir``; its summary and epoch-time sum."""
     from cgnn_dgl import checkpoint as ckpt_mod
     from cgnn_dgl.rundir import LAST
-    from cgnn_dgl.train import Trainer
+    from cgnn_dgl.train import Trainer, member_split
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -158,7 +158,7 @@ def train_member(packed, split, cfg, run_dir) -> dict:
         if json.dumps(_comparable(old), sort_keys=True, default=str) != json.dumps(
                 _comparable(cfg.to_dict()), sort_keys=True, default=str):
             raise SystemExit(f"{run_dir} holds a model trained with another config; choose another --out")
-    trainer = Trainer(cfg, run_dir, packed, split, resume_state=state)
+    trainer = Trainer(cfg, run_dir, packed, member_split(split, cfg.train), resume_state=state)
     if state is not None and trainer.epoch >= cfg.train.epochs:
         summary = {"epochs": trainer.epoch, "best_epoch": trainer.best_epoch, "best_score": trainer.best_score}
     else:

@@ -635,6 +635,16 @@ def constant_targets(packed, train_idx: np.ndarray, names) -> dict[str, float]:
     return out
 
 
+def member_split(split: dict[str, np.ndarray], t: TrainConfig) -> dict[str, np.ndarray]:
+    """The split one model trains on: with ``train.bootstrap`` its training part is resampled from the
+    seed (so a resumed run draws the same sample); otherwise ``split`` itself."""
+    if not t.bootstrap:
+        return split
+    from cgnn_dgl.ensemble import bootstrap_indices
+
+    return dict(split, train=bootstrap_indices(split["train"], t.seed))
+
+
 def train_run(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
     """Train (or resume) a run in ``run_dir``; returns a summary. Used by the CLI and by tests."""
     run_dir = Path(run_dir)
@@ -659,10 +669,7 @@ def train_run(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict
             cfg.save(run_dir / CONFIG)
         dist.barrier()
         packed, split, state = prepare_run(cfg, run_dir, resume, dist)
-        if cfg.train.bootstrap:  # resampled from the seed, so a resumed run draws the same sample
-            from cgnn_dgl.ensemble import bootstrap_indices
-
-            split = dict(split, train=bootstrap_indices(split["train"], cfg.train.seed))
+        split = member_split(split, cfg.train)
         dist.barrier()
         if dist.main:
             log.info("run %s: %d train / %d val / %d test crystals, targets %s, device %s%s", run_dir,

@@ -544,3 +544,17 @@ def test_precise_bn_statistics_are_the_training_split_average(cache, tmp_path):
     assert any(not torch.allclose(p_state[f"{n}.running_mean"], stats[n][0]) for n in bns)
     with pytest.raises(UsageError, match="precise_bn_batch_size"):
         TrainConfig(precise_bn_batch_size=-1).validate()
+
+
+def test_member_split_bootstraps_only_the_training_part():
+    from cgnn_dgl.train import member_split
+
+    split = {"train": np.arange(100, 200), "val": np.arange(10), "test": np.arange(10, 20)}
+    assert member_split(split, TrainConfig()) is split
+    a = member_split(split, TrainConfig(bootstrap=True, seed=3))
+    b = member_split(split, TrainConfig(bootstrap=True, seed=3))
+    c = member_split(split, TrainConfig(bootstrap=True, seed=4))
+    assert np.array_equal(a["train"], b["train"]) and not np.array_equal(a["train"], c["train"])
+    assert len(a["train"]) == 100 and len(np.unique(a["train"])) < 100  # with replacement
+    assert set(a["train"]) <= set(split["train"])
+    assert a["val"] is split["val"] and a["test"] is split["test"]
