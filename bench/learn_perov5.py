@@ -136,7 +136,8 @@ ROW_FAMILY = {"benchmark": "benchmark", "accurate": "accurate", "ensemble": "acc
 SPLIT_SEED = 12345
 NAMES = ("formation_energy", "volume_per_atom", "band_gap", "magnetization")
 # settings that do not change what a member learns (a member trained with other values is reused)
-_NEUTRAL = ("out_dir", "progress", "num_threads", "workers", "device", "ensemble")
+_NEUTRAL = ("out_dir", "progress", "num_threads", "workers", "device", "ensemble", "distance_uncertainty",
+            "distance_reference")
 
 
 def _comparable(cfg_dict: dict) -> dict:
@@ -193,9 +194,9 @@ def member_seed_config(cfg, k: int, run_dir: Path):
     return RunConfig.from_dict(d)
 
 
-def split_metrics(packed, idx, train_idx, pred, cols, gap_threshold: float, scale=None) -> dict:
-    """MAE per target (and of the train-mean predictor), uncertainty figures when ``scale`` is given
-    (std = scale x member spread), and the insulator ROC AUC, on the crystals ``idx``."""
+def split_metrics(packed, idx, train_idx, pred, cols, gap_threshold: float, std=None) -> dict:
+    """MAE per target (and of the train-mean predictor), uncertainty figures when ``std`` (the calibrated
+    std, (n, T)) is given, and the insulator ROC AUC, on the crystals ``idx``."""
     from cgnn_dgl.ensemble import uncertainty_metrics
     from cgnn_dgl.evaluate import roc_auc
 
@@ -210,10 +211,10 @@ def split_metrics(packed, idx, train_idx, pred, cols, gap_threshold: float, scal
         mean = packed.y[train_idx, col][m_tr].mean()
         r = {"n": int(m.sum()), "model_mae": float(np.abs(pred.mean[m, k] - y).mean()),
              "mean_mae": float(np.abs(mean - y).mean())}
-        if scale is not None:
-            u = uncertainty_metrics(pred.mean[m, k], scale[k] * pred.std_raw[m, k], y)
-            r.update(std_scale=float(scale[k]), spearman=u["spearman_abs_error_std"],
-                     coverage_68=u["coverage_68"], coverage_95=u["coverage_95"], mean_std=u["mean_std"])
+        if std is not None:
+            u = uncertainty_metrics(pred.mean[m, k], std[m, k], y)
+            r.update(spearman=u["spearman_abs_error_std"], coverage_68=u["coverage_68"],
+                     coverage_95=u["coverage_95"], mean_std=u["mean_std"])
         out[name] = r
     if "band_gap" in pred.targets:
         k = list(pred.targets).index("band_gap")
@@ -227,23 +228,31 @@ def split_metrics(packed, idx, train_idx, pred, cols, gap_threshold: float, scal
 
 
 def score_row(packed, split, members: list[Path], cfg) -> dict:
-    """Test (and val) metrics of the mean of ``members``; with several, the std is calibrated on val
-    (one scale per target, :func:`cgnn_dgl.ensemble.calibration_scale`) and scored on test."""
-    from cgnn_dgl.ensemble import Ensemble, calibration_scale
+    """Test (and val) metrics of the mean of ``members``; with several, the std model is fitted on val
+    (:func:`cgnn_dgl.ensemble.fit_std_model`, with the latent distance when
+    ``train.distance_uncertainty``) and scored on test."""
+    from cgnn_dgl.ensemble import Ensemble, LatentDistance, fit_std_model, reference_sample
     from cgnn_dgl.train import target_columns
 
     ens = Ensemble.load_members(members[0].parent.parent, [f"{m.parent.name}/{m.name}" for m in members])
     cols = target_columns(ens.targets, packed.targets)
     val, test, train = split["val"], split["test"], split["train"]
+    if ens.is_ensemble and cfg.train.distance_uncertainty:
+        ref = reference_sample(train, cfg.train.distance_reference, cfg.train.seed)
+        ens.distance = LatentDistance.from_features(ens.reference_features(packed, ref))
     pv, pt = ens.predict(packed, val), ens.predict(packed, test)
-    scale = None
+    std_v = std_t = None
+    extra: dict = {}
     if ens.is_ensemble:
-        scale = []
-        for k, col in enumerate(cols):
-            m = packed.y_mask[val, col]
-            scale.append(calibration_scale(pv.mean[m, k], pv.std_raw[m, k], packed.y[val, col][m], 0.95))
-    out = split_metrics(packed, test, train, pt, cols, cfg.train.gap_threshold, scale)
-    out["val"] = split_metrics(packed, val, train, pv, cols, cfg.train.gap_threshold, scale)
+        masks = [packed.y_mask[val, c] for c in cols]
+        model = fit_std_model(pv, [packed.y[val, c][m] for c, m in zip(cols, masks)], masks, 0.95)
+        std_v, std_t = model.std(pv.std_raw, pv.distance), model.std(pt.std_raw, pt.distance)
+        extra = {"std_scale": dict(zip(ens.targets, map(float, model.scale)))}
+        if model.weight is not None:
+            extra["distance_weight"] = dict(zip(ens.targets, map(float, model.weight)))
+    out = split_metrics(packed, test, train, pt, cols, cfg.train.gap_threshold, std_t)
+    out["val"] = split_metrics(packed, val, train, pv, cols, cfg.train.gap_threshold, std_v)
+    out.update(extra)
     return out
 
 

@@ -411,6 +411,12 @@ class TrainConfig:
     # ensembles (cgnn_dgl/ensemble.py): N members with seeds seed, seed+1, ... in RUN/member_k/
     ensemble: int = 1
     bootstrap: bool = False  # train on a bootstrap resample of the training split (drawn from the seed)
+    # Latent-distance term in the ensemble std: the mean distance of a crystal's graph features to its 5
+    # nearest training crystals (a sample of distance_reference of them), per member, mixed with the member
+    # spread in a proportion fitted on val (Gaussian likelihood). Far from the training data the
+    # members can agree and still be wrong; the distance sees that. See cgnn_dgl.ensemble.LatentDistance.
+    distance_uncertainty: bool = False
+    distance_reference: int = 20000
     workers: int = 1  # ensemble members trained at the same time, in separate processes
     # data and outputs
     cache: str | None = None
@@ -446,6 +452,8 @@ class TrainConfig:
             bad(f"amp: {self.amp!r} is not one of {AMP_MODES}")
         if self.lr <= 0:
             bad(f"lr must be > 0 (got {self.lr})")
+        if self.distance_reference < 10:
+            bad(f"distance_reference must be >= 10 (got {self.distance_reference})")
         if self.precise_bn_batch_size < 0:
             bad(f"precise_bn_batch_size must be >= 0 (got {self.precise_bn_batch_size})")
         if self.batch_size < 1 or self.eval_batch_size < 0:

@@ -21,6 +21,12 @@ Prediction: the mean over members, and ``std`` = ``scale_t`` × the population s
 interval mean ± 1.96 std covers 95% of it: ``scale_t`` = (95th percentile of |error| / raw std) / 1.96.
 A single model (``RUN/best.pt``) predicts through the same interface with ``std`` None.
 
+With ``train.distance_uncertainty`` the std also carries a latent distance (:class:`LatentDistance`: the
+mean distance to the 5 nearest of a sample of training crystals in each member's standardised graph
+features, ``RUN/latent_reference.npz``): ``std = scale_t sqrt((1 - w_t) spread² + w_t (a_t d / d̄)²)``,
+with the share ``w_t`` fitted on val by Gaussian likelihood (:class:`StdModel`), then ``scale_t`` as above.
+Members can agree and still be wrong far from their training data; the distance sees that.
+
 Python API for other tools (e.g. screening): ``Ensemble.load(path).predict(packed)`` or
 :func:`predict_with_uncertainty`, both returning a :class:`Prediction` (mean, std, probabilities).
 """
@@ -44,6 +50,7 @@ from cgnn_dgl.rundir import BEST, CONFIG
 log = logging.getLogger(__name__)
 
 ENSEMBLE_JSON = "ensemble.json"
+LATENT_REFERENCE = "latent_reference.npz"  # train.distance_uncertainty: the members' reference features
 FORMAT = "cgnn-dgl-ensemble"
 FORMAT_VERSION = 1
 DONE = "done.json"
@@ -106,6 +113,125 @@ def uncertainty_metrics(mean, std, true) -> dict:
     }
 
 
+# --------------------------------------------------------------------------------------------------
+# the std model: member spread, optionally mixed with a latent distance to the training data
+
+
+@dataclass
+class StdModel:
+    """``std = scale * sqrt((1 - w) spread² + w (spread_norm * distance / distance_norm)²)`` per target.
+
+    ``weight`` None (or 0) is the plain calibrated spread, ``scale * spread``. The distance term is
+    put in the spread's unit (``spread_norm``: the mean spread on val, ``distance_norm``: the mean
+    distance on val), so ``w`` is the share of the variance that the distance carries.
+    """
+
+    scale: np.ndarray
+    weight: np.ndarray | None = None
+    spread_norm: np.ndarray | None = None
+    distance_norm: float = 1.0
+
+    def std(self, spread: np.ndarray, distance: np.ndarray | None = None) -> np.ndarray:
+        spread = np.asarray(spread, float)
+        if self.weight is None or distance is None:
+            return spread * self.scale
+        d = (np.asarray(distance, float) / self.distance_norm)[:, None] * self.spread_norm
+        return self.scale * np.sqrt((1 - self.weight) * spread ** 2 + self.weight * d ** 2)
+
+
+def fit_distance_weight(err, spread, distance, spread_norm: float, distance_norm: float, n_grid: int = 41) -> float:
+    """The share ``w`` in [0, 1] of the distance term that maximises the Gaussian likelihood of the
+    errors ``err`` (the scale at its optimum for each ``w``); 0 without data."""
+    err, spread, distance = (np.asarray(a, float) for a in (err, spread, distance))
+    if err.size < 3:
+        return 0.0
+    d = distance / distance_norm * spread_norm
+    best_w, best_nll = 0.0, math.inf
+    for w in np.linspace(0.0, 1.0, n_grid):
+        g = np.maximum(np.sqrt((1 - w) * spread ** 2 + w * d ** 2), _TINY)
+        # NLL up to a constant, with the best scale s² = mean((err / g)²)
+        nll = 0.5 * math.log(float(np.mean((err / g) ** 2)) + _TINY) + float(np.mean(np.log(g)))
+        if nll < best_nll - 1e-12:
+            best_w, best_nll = float(w), nll
+    return best_w
+
+
+def fit_std_model(pred: Prediction, true: list[np.ndarray], masks: list[np.ndarray], level: float = 0.95) -> StdModel:
+    """Fit the std model on validation predictions: per target the distance share (when ``pred`` has a
+    distance), then the scale so that ``mean ± z std`` covers ``level`` of the validation data."""
+    T = len(pred.targets)
+    scale = np.ones(T)
+    use_distance = pred.distance is not None
+    weight, norm = np.zeros(T), np.ones(T)
+    d_norm = float(np.mean(pred.distance)) if use_distance and len(pred.distance) else 1.0
+    d_norm = d_norm if d_norm > 0 else 1.0
+    for k in range(T):
+        m = masks[k]
+        mean, raw = pred.mean[m, k], pred.std_raw[m, k]
+        if use_distance and m.any():
+            norm[k] = max(float(np.mean(raw)), _TINY)
+            weight[k] = fit_distance_weight(true[k] - mean, raw, pred.distance[m], norm[k], d_norm)
+    model = StdModel(np.ones(T), weight if use_distance else None, norm if use_distance else None, d_norm)
+    for k in range(T):
+        m = masks[k]
+        shape = model.std(pred.std_raw[m], pred.distance[m] if use_distance else None)[:, k]
+        scale[k] = calibration_scale(pred.mean[m, k], shape, true[k], level)
+    model.scale = scale
+    return model
+
+
+class LatentDistance:
+    """Mean distance of a crystal to its ``k`` nearest reference crystals (a sample of the training split)
+    in each member's graph-feature space, standardised per feature on the reference; averaged over the
+    members. Cheap (one matrix of distances per batch) and blind to labels."""
+
+    def __init__(self, refs: list[tuple[np.ndarray, np.ndarray, np.ndarray]], k: int = 5):
+        self.refs = [(np.asarray(mu, np.float32), np.asarray(sd, np.float32), np.asarray(ref, np.float32))
+                     for mu, sd, ref in refs]
+        self.k = int(k)
+
+    @classmethod
+    def from_features(cls, member_features: list[np.ndarray], k: int = 5) -> LatentDistance:
+        refs = []
+        for f in member_features:
+            f = np.asarray(f, np.float32)
+            mu, sd = f.mean(0), f.std(0)
+            sd = np.where(sd > 1e-6, sd, 1.0).astype(np.float32)
+            refs.append((mu, sd, (f - mu) / sd))
+        return cls(refs, k)
+
+    def __call__(self, member_features: list[np.ndarray], chunk: int = 4096) -> np.ndarray:
+        if len(member_features) != len(self.refs):
+            raise CgnnError(f"latent distance: {len(member_features)} members' features for {len(self.refs)} references")
+        out = []
+        for f, (mu, sd, ref) in zip(member_features, self.refs):
+            x = torch.from_numpy((np.asarray(f, np.float32) - mu) / sd)
+            r = torch.from_numpy(ref)
+            k = min(self.k, len(ref))
+            parts = [torch.cdist(x[i:i + chunk], r).topk(k, dim=1, largest=False).values.mean(1)
+                     for i in range(0, len(x), chunk)]
+            out.append(torch.cat(parts).double().numpy() if parts else np.zeros(0))
+        return np.mean(out, axis=0)
+
+    def save(self, path: Path) -> None:
+        arrays = {"k": np.array(self.k)}
+        for j, (mu, sd, ref) in enumerate(self.refs):
+            arrays.update({f"mu_{j}": mu, f"sd_{j}": sd, f"ref_{j}": ref.astype(np.float16)})
+        tmp = Path(path).with_suffix(".tmp.npz")
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> LatentDistance:
+        try:
+            with np.load(path) as z:
+                n = sum(1 for key in z.files if key.startswith("ref_"))
+                return cls([(z[f"mu_{j}"], z[f"sd_{j}"], z[f"ref_{j}"]) for j in range(n)], int(z["k"]))
+        except (OSError, ValueError, KeyError) as exc:
+            raise CgnnError(f"{path}: unreadable latent reference ({exc}); rerun the calibration with "
+                            "`cgnn train --out RUN --resume`") from None
+
+
 def calibration_curve(mean, std, true, levels=None) -> tuple[np.ndarray, np.ndarray]:
     """(nominal levels, observed coverage) of the central Gaussian intervals ``mean ± z(level) std``."""
     from scipy.stats import norm
@@ -166,18 +292,22 @@ class Prediction:
     std_raw: np.ndarray | None = None
     prob: np.ndarray | None = None
     members: np.ndarray | None = None
+    distance: np.ndarray | None = None  # latent distance to the training data (train.distance_uncertainty)
 
 
 class Ensemble:
     """Members (CGNN models with one config) and per-target std scale factors."""
 
-    def __init__(self, models: list, config, scale=None, source: str = ""):
+    def __init__(self, models: list, config, scale=None, source: str = "", std_model: StdModel | None = None,
+                 distance: LatentDistance | None = None):
         if not models:
             raise CgnnError("an ensemble needs at least one member")
         self.models = list(models)
         self.config = config
         self.targets = tuple(config.targets)
-        self.scale = np.ones(len(self.targets)) if scale is None else np.asarray(scale, float).reshape(-1)
+        scale = np.ones(len(self.targets)) if scale is None else np.asarray(scale, float).reshape(-1)
+        self.std_model = std_model or StdModel(scale)
+        self.distance = distance
         self.source = source
         rec = getattr(self.models[0], "record", None) or {}
         self.units = dict((rec.get("tasks") or {}).get("units") or {})  # as the checkpoint records them
@@ -189,6 +319,11 @@ class Ensemble:
     def is_ensemble(self) -> bool:
         return len(self.models) > 1
 
+    @property
+    def scale(self) -> np.ndarray:
+        """The per-target std scale factors (fitted on val)."""
+        return self.std_model.scale
+
     @classmethod
     def load(cls, path, device: str | torch.device = "cpu", arch: str | None = None) -> Ensemble:
         """An ensemble run folder (``ensemble.json``), a single run folder (``best.pt``) or a checkpoint file
@@ -199,7 +334,16 @@ class Ensemble:
         if is_ensemble_dir(path):
             info = read_ensemble_json(path)
             ens = cls.load_members(path, info["members"], device)
-            ens.scale = np.array([info.get("calibration", {}).get("scale", {}).get(t, 1.0) for t in ens.targets])
+            calib = info.get("calibration", {})
+            scale = np.array([calib.get("scale", {}).get(t, 1.0) for t in ens.targets])
+            dist = calib.get("distance")
+            if dist:
+                ens.distance = LatentDistance.load(path / dist["reference"])
+                ens.std_model = StdModel(scale, np.array([dist["weight"][t] for t in ens.targets]),
+                                         np.array([dist["spread_norm"][t] for t in ens.targets]),
+                                         float(dist["distance_norm"]))
+            else:
+                ens.std_model = StdModel(scale)
             return ens
         if path.is_dir():
             if (path / BEST).is_file():
@@ -228,22 +372,33 @@ class Ensemble:
 
     def predict(self, packed, indices=None, batch_size: int = 512, device: str | torch.device = "cpu",
                 backend: str = "auto", progress: bool = False) -> Prediction:
-        from cgnn_dgl.predict import predict_packed
+        from cgnn_dgl.predict import predict_packed_features
 
-        preds, probs = [], []
+        preds, probs, feats = [], [], []
+        want = self.distance is not None and self.is_ensemble
         for k, model in enumerate(self.models):
             if progress and self.is_ensemble:
                 log.info("member %d/%d", k + 1, len(self.models))
-            p, prob = predict_packed(model, packed, indices, batch_size, device, backend, progress=progress)
+            p, prob, f = predict_packed_features(model, packed, indices, batch_size, device, backend,
+                                                 progress=progress, features=want)
             preds.append(p)
             probs.append(prob)
+            feats.append(f)
         members = np.stack(preds)
         mean = members.mean(axis=0)
         prob = np.mean(np.stack(probs), axis=0) if probs[0] is not None else None
         if not self.is_ensemble:
             return Prediction(self.targets, mean, prob=prob, members=members)
         raw = members.std(axis=0)
-        return Prediction(self.targets, mean, raw * self.scale, raw, prob, members)
+        dist = self.distance(feats) if want else None
+        return Prediction(self.targets, mean, self.std_model.std(raw, dist), raw, prob, members, dist)
+
+    def reference_features(self, packed, indices, batch_size: int = 512, device: str | torch.device = "cpu",
+                           backend: str = "auto") -> list[np.ndarray]:
+        """Each member's graph features of the crystals ``indices`` (for :class:`LatentDistance`)."""
+        from cgnn_dgl.predict import predict_packed_features
+
+        return [predict_packed_features(m, packed, indices, batch_size, device, backend)[2] for m in self.models]
 
 
 def predict_with_uncertainty(model_path, packed, indices=None, *, batch_size: int = 512,
@@ -280,6 +435,14 @@ def member_config(cfg, k: int, run_dir: Path, workers: int = 1):
         if cfg.train.num_threads <= 0:
             d["train"]["num_threads"] = max(1, (os.cpu_count() or 1) // workers)
     return RunConfig.from_dict(d, check_files=False)
+
+
+def reference_sample(train_idx: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Up to ``n`` training indices (sorted), drawn without replacement from ``seed``: the latent-distance reference."""
+    train_idx = np.asarray(train_idx, dtype=np.int64)
+    if len(train_idx) <= n:
+        return np.sort(train_idx)
+    return np.sort(np.random.default_rng(seed).choice(train_idx, size=n, replace=False))
 
 
 def bootstrap_indices(train_idx: np.ndarray, seed: int) -> np.ndarray:
@@ -371,18 +534,31 @@ def calibrate_ensemble(run_dir, cfg, packed) -> dict:
     cols = target_columns(ens.targets, packed.targets)
     calib: dict = {"split": "val", "level": 0.95, "scale": {}, "n": {}, "coverage_95_raw": {},
                    "coverage_95": {}, "coverage_68": {}}
+    bs = cfg.train.eval_batch_size or cfg.train.batch_size
+    if len(val) and cfg.train.distance_uncertainty:
+        ref_idx = reference_sample(parts["train"], cfg.train.distance_reference, cfg.train.seed)
+        ens.distance = LatentDistance.from_features(ens.reference_features(packed, ref_idx, bs, device, cfg.train.backend))
+        ens.distance.save(run_dir / LATENT_REFERENCE)
     if len(val):
-        pred = ens.predict(packed, val, cfg.train.eval_batch_size or cfg.train.batch_size, device, cfg.train.backend)
+        pred = ens.predict(packed, val, bs, device, cfg.train.backend)
+        masks = [packed.y_mask[val, c] for c in cols]
+        trues = [packed.y[val, c][m] for c, m in zip(cols, masks)]
+        std_model = fit_std_model(pred, trues, masks, 0.95)
+        std = std_model.std(pred.std_raw, pred.distance)
         for k, t in enumerate(ens.targets):
-            m = packed.y_mask[val, cols[k]]
-            true = packed.y[val, cols[k]][m]
+            m, true = masks[k], trues[k]
             mean, raw = pred.mean[m, k], pred.std_raw[m, k]
-            s = calibration_scale(mean, raw, true, 0.95)
-            calib["scale"][t] = s
+            calib["scale"][t] = float(std_model.scale[k])
             calib["n"][t] = int(m.sum())
             calib["coverage_95_raw"][t] = interval_coverage(mean, raw, true, Z95) if m.any() else None
-            calib["coverage_95"][t] = interval_coverage(mean, s * raw, true, Z95) if m.any() else None
-            calib["coverage_68"][t] = interval_coverage(mean, s * raw, true, Z68) if m.any() else None
+            calib["coverage_95"][t] = interval_coverage(mean, std[m, k], true, Z95) if m.any() else None
+            calib["coverage_68"][t] = interval_coverage(mean, std[m, k], true, Z68) if m.any() else None
+        if pred.distance is not None:
+            calib["distance"] = {
+                "reference": LATENT_REFERENCE, "n_reference": int(len(ens.distance.refs[0][2])),
+                "neighbours": ens.distance.k, "distance_norm": std_model.distance_norm,
+                "weight": {t: float(std_model.weight[k]) for k, t in enumerate(ens.targets)},
+                "spread_norm": {t: float(std_model.spread_norm[k]) for k, t in enumerate(ens.targets)}}
     else:
         log.warning("no validation split: the ensemble std is left uncalibrated (scale 1)")
         calib["scale"] = dict.fromkeys(ens.targets, 1.0)
@@ -394,12 +570,18 @@ def calibrate_ensemble(run_dir, cfg, packed) -> dict:
         "bootstrap": bool(cfg.train.bootstrap),
         "targets": list(ens.targets),
         "units": {t: u for t, u in packed.units.items() if t in ens.targets},
-        "std": "scale[target] x population std (ddof 0) of the member predictions, in the target's unit",
+        "std": ("scale[target] x population std (ddof 0) of the member predictions, in the target's unit"
+                if "distance" not in calib else
+                "scale[target] x sqrt((1 - weight) spread^2 + weight (spread_norm x distance / distance_norm)^2): "
+                "spread = population std (ddof 0) of the member predictions, distance = mean distance to the "
+                f"{LatentDistance.__name__} reference in the members' graph-feature spaces; in the target's unit"),
         "calibration": calib,
         "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     atomic_write_json(run_dir / ENSEMBLE_JSON, info)
     for t in ens.targets:
+        if "distance" in calib:
+            log.info("calibration %s: latent-distance share of the variance %.3f", t, calib["distance"]["weight"][t])
         if t in calib["n"]:
             log.info("calibration %s: scale %.4g, val coverage of the 95%% interval %.3f -> %.3f (n=%d)", t,
                      calib["scale"][t], calib["coverage_95_raw"][t] or float("nan"),

@@ -243,6 +243,9 @@ def evaluate_run(run_dir, cache: str | None = None, split: str = "test", out: st
         metrics["labels_note"] = "SYNTHETIC labels (cgnn db synth): these figures show the pipeline works, not physics"
     if std is not None:
         add_uncertainty(metrics, mcfg.targets, res, true, mask, ens.scale, tasks.units())
+        if ens.std_model.weight is not None:  # train.distance_uncertainty: the latent distance's share
+            for k, name in enumerate(mcfg.targets):
+                metrics["uncertainty"][name]["distance_weight"] = float(ens.std_model.weight[k])
         metrics["members"] = len(ens)
     add_mean_baseline(metrics, mcfg.targets, packed.y[parts["train"]][:, cols], packed.y_mask[parts["train"]][:, cols],
                       true, mask)

@@ -48,10 +48,18 @@ def supported_mask(packed) -> np.ndarray:
     return bad_per_crystal == 0
 
 
-@torch.no_grad()
 def predict_packed(model, packed, indices=None, batch_size: int = 512, device: str | torch.device = "cpu",
                    backend: str = "auto", progress: bool = False):
     """Physical-unit predictions (n, n_targets) and classification probabilities (n, 2) or None."""
+    pred, prob, _ = predict_packed_features(model, packed, indices, batch_size, device, backend, progress, False)
+    return pred, prob
+
+
+@torch.no_grad()
+def predict_packed_features(model, packed, indices=None, batch_size: int = 512, device: str | torch.device = "cpu",
+                            backend: str = "auto", progress: bool = False, features: bool = True):
+    """:func:`predict_packed` plus, with ``features``, the graph features (n, n_graph_feat) float32 of the
+    same forward pass (for the latent-distance uncertainty), else None."""
     from cgnn_dgl.batching import iter_batches
     from cgnn_dgl.graph_ops import GraphIndex
     from cgnn_dgl.report import progress as bar
@@ -60,22 +68,26 @@ def predict_packed(model, packed, indices=None, batch_size: int = 512, device: s
     device = torch.device(device)
     indices = np.arange(len(packed)) if indices is None else np.asarray(indices, dtype=np.int64)
     model.eval()
-    preds, probs = [], []
+    preds, probs, feats = [], [], []
     pbar = bar(total=len(indices), desc="predict", unit="struct", disable=not progress or None)
     for idx, g in iter_batches(packed, indices, batch_size, shuffle=False):
         gi = GraphIndex.from_graph(g, device, backend=backend)
         z = g.nodes["atom"].data["Z"].to(device)
-        reg, logits = split_output(model.forward_heads(z, gi))
+        out = model.forward_heads(z, gi, features=True) if features else model.forward_heads(z, gi)
+        reg, logits = split_output(out)
         reg = reg.reshape(len(idx), -1)
         preds.append(model.to_physical(reg).double().cpu().numpy())
         if logits is not None:
             probs.append(torch.sigmoid(logits).double().cpu().numpy())
+        if features:
+            feats.append(out["features"].float().cpu().numpy())
         pbar.update(len(idx))
     pbar.close()
     n_t = len(model.config.targets) if hasattr(model, "config") else 1
     pred = np.concatenate(preds) if preds else np.zeros((0, n_t))
     prob = np.concatenate(probs) if probs else None
-    return pred, prob
+    feat = (np.concatenate(feats) if feats else np.zeros((0, model.config.n_graph_feat), np.float32)) if features else None
+    return pred, prob, feat
 
 
 def _gather_items(inputs, db: str | None, db_limit: int | None):
@@ -250,6 +262,8 @@ def write_sidecar(out: Path, model_path, ens, ckpt: dict, params, n_predicted: i
         + [{"name": c, "unit": u} for c, u in tasks.prediction_columns(std=ens.is_ensemble)],
         "units": dict(tasks.prediction_columns(std=ens.is_ensemble)),
         "targets": list(tasks.names), "classes": list(tasks.class_names),
+        "std": (read_ensemble_json(model_path).get("std", "") + "; mean +- 1.96 std is the 95% interval, "
+                "calibrated on the validation split") if is_ensemble_dir(model_path) else None,
         "model": str(model_path), "model_files": [{"path": str(f), "sha256": sha256_file(f)} for f in files],
         "model_sha256": sha256_file(files[0]) if len(files) == 1 else None,
         "coordinator": params.as_dict(),

@@ -13,16 +13,25 @@ import numpy as np
 import pytest
 import torch
 from conftest import sigkill_after_lines
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 from test_train import same_weights, tiny_config, usable_rows, weights, write_cache
 
 from cgnn_dgl.ensemble import (
     ENSEMBLE_JSON,
+    LATENT_REFERENCE,
     Z68,
     Z95,
     Ensemble,
+    LatentDistance,
+    Prediction,
+    StdModel,
     bootstrap_indices,
     calibration_curve,
     calibration_scale,
+    fit_distance_weight,
+    fit_std_model,
     interval_coverage,
     spearman,
     uncertainty_metrics,
@@ -99,6 +108,62 @@ def test_bootstrap_is_a_seeded_resample():
     a, b, c = bootstrap_indices(idx, 1), bootstrap_indices(idx, 1), bootstrap_indices(idx, 2)
     assert a.tolist() == b.tolist() and a.tolist() != c.tolist()
     assert len(a) == len(idx) and set(a) <= set(idx) and len(set(a)) < len(idx)  # with replacement
+
+
+# --------------------------------------------------------------------------------------------------
+# latent-distance term of the std (train.distance_uncertainty): synthetic data with a known answer
+
+
+def _spread_distance(rng, n, share):
+    """Member spread and latent distance (independent), and errors with variance
+    (1 - share) spread² + share (distance in spread units)²."""
+    spread = rng.uniform(0.1, 2.0, n)
+    distance = rng.uniform(0.5, 5.0, n)
+    d = distance / distance.mean() * spread.mean()
+    sigma = np.sqrt((1 - share) * spread ** 2 + share * d ** 2)
+    mean = rng.normal(size=n)
+    return mean, spread, distance, mean + rng.normal(size=n) * sigma * 1.7
+
+
+@pytest.mark.parametrize("share", [0.0, 0.5, 1.0])
+def test_distance_weight_recovers_the_source_of_the_errors(share):
+    rng = np.random.default_rng(1)
+    mean, spread, distance, true = _spread_distance(rng, 6000, share)
+    w = fit_distance_weight(true - mean, spread, distance, spread.mean(), distance.mean())
+    assert w == pytest.approx(share, abs=0.08)
+    # the fitted std model on val, then fresh data: 95% coverage, and it ranks the errors as the truth does
+    pred = Prediction(("t",), mean[:, None], std_raw=spread[:, None], distance=distance)
+    model = fit_std_model(pred, [true], [np.ones(len(true), bool)])
+    assert model.weight[0] == pytest.approx(w)
+    m2, s2, d2, t2 = _spread_distance(np.random.default_rng(2), 20000, share)
+    std = model.std(s2[:, None], d2)[:, 0]
+    assert abs(interval_coverage(m2, std, t2, Z95) - 0.95) < 0.01
+    if share == 1.0:  # the spread alone cannot rank errors made by the distance; the fitted std can
+        assert spearman(np.abs(t2 - m2), std) > spearman(np.abs(t2 - m2), s2) + 0.2
+
+
+def test_std_model_without_distance_is_the_scaled_spread():
+    spread = np.array([[0.1, 1.0], [0.3, 2.0]])
+    np.testing.assert_allclose(StdModel(np.array([2.0, 3.0])).std(spread), spread * [2.0, 3.0])
+    with_zero = StdModel(np.array([2.0, 3.0]), np.zeros(2), np.ones(2), 1.0)
+    np.testing.assert_allclose(with_zero.std(spread, np.array([5.0, 7.0])), spread * [2.0, 3.0])
+    assert fit_distance_weight([], [], [], 1.0, 1.0) == 0.0
+
+
+@given(hnp.arrays(np.float64, (12, 3), elements=st.floats(-5, 5)),
+       hnp.arrays(np.float64, 3, elements=st.floats(0.1, 10)),
+       hnp.arrays(np.float64, 3, elements=st.floats(-10, 10)),
+       st.permutations(range(3)))
+def test_latent_distance_ignores_units_and_order_of_the_features(feats, a, b, perm):
+    """Standardised on the reference, the distance is unchanged by a positive affine map of each feature
+    (a member whose features come out scaled) or a reordering of the features; a reference crystal is
+    at distance 0 from itself with one neighbour."""
+    feats = feats + np.arange(12)[:, None] * np.array([1.0, -0.5, 0.25])  # no constant feature
+    ref, query = feats[:8], feats[8:]
+    base = LatentDistance.from_features([ref], k=2)([query])
+    moved = LatentDistance.from_features([(ref * a + b)[:, perm]], k=2)([(query * a + b)[:, perm]])
+    np.testing.assert_allclose(moved, base, rtol=1e-3, atol=1e-3)
+    assert np.allclose(LatentDistance.from_features([ref], k=1)([ref]), 0.0, atol=1e-3)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -195,6 +260,45 @@ def test_single_model_through_the_ensemble_interface(ensemble_run):
     ens = Ensemble.load(root / "run")
     res = ens.predict(packed, np.arange(5))
     assert res.members.shape == (2, 5, 4) and (res.std >= 0).all()
+
+
+def test_distance_uncertainty_end_to_end(ensemble_run, tmp_path):
+    """train.distance_uncertainty: the calibration writes the reference and the fitted shares; the
+    loaded ensemble's std is the documented formula; `cgnn predict` writes non-negative std columns."""
+    import shutil
+
+    from cgnn_dgl.cache import load_packed
+    from cgnn_dgl.config import RunConfig
+    from cgnn_dgl.ensemble import calibrate_ensemble
+    from cgnn_dgl.errors import CgnnError
+
+    root, rows, cfg, _ = ensemble_run
+    run = tmp_path / "run"
+    shutil.copytree(root / "run", run)
+    d = cfg.to_dict()
+    d["train"].update(distance_uncertainty=True, distance_reference=50)
+    packed = load_packed(root / "cache")
+    info = calibrate_ensemble(run, RunConfig.from_dict(d), packed)
+    dist = info["calibration"]["distance"]
+    assert (run / LATENT_REFERENCE).is_file() and dist["n_reference"] == 50 and dist["neighbours"] == 5
+    assert all(0.0 <= w <= 1.0 for w in dist["weight"].values())
+    ens = Ensemble.load(run)
+    res = ens.predict(packed, np.arange(20))
+    assert res.distance.shape == (20,) and (res.distance > 0).all()
+    w = np.array([dist["weight"][t] for t in TARGETS4])
+    norm = np.array([dist["spread_norm"][t] for t in TARGETS4])
+    scale = np.array([info["calibration"]["scale"][t] for t in TARGETS4])
+    term = (res.distance / dist["distance_norm"])[:, None] * norm
+    np.testing.assert_allclose(res.std, scale * np.sqrt((1 - w) * res.std_raw ** 2 + w * term ** 2), rtol=1e-9)
+    json_in = tmp_path / "in.json"
+    json_in.write_text(json.dumps([{k: r[k] for k in ("name", "lattice", "numbers", "frac")} for r in rows[:6]]))
+    r = _cli("predict", "--model", str(run), str(json_in), "--out", str(tmp_path / "p.csv"))
+    assert r.returncode == 0, r.stderr
+    std = np.array([[float(row[f"{t}_std"]) for t in TARGETS4] for row in _read(tmp_path / "p.csv")])
+    assert np.isfinite(std).all() and (std >= 0).all()
+    (run / LATENT_REFERENCE).write_bytes(b"broken")
+    with pytest.raises(CgnnError, match="latent reference"):
+        Ensemble.load(run)
 
 
 # --------------------------------------------------------------------------------------------------

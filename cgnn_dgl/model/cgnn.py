@@ -149,13 +149,15 @@ class CGNN(nn.Module):
         """Standardised regression outputs ``(n_crystals, n_targets)``."""
         return self._regression(self.graph_features(z, gi), gi)
 
-    def forward_heads(self, z: Tensor, gi: GraphIndex) -> dict[str, Tensor]:
+    def forward_heads(self, z: Tensor, gi: GraphIndex, features: bool = False) -> dict[str, Tensor]:
         """``{"regression": (n, n_targets)[, "logits": (n, 2)]}`` from one pass (logits only with
         ``classification_heads`` or ``binary_targets``; columns :func:`cgnn_dgl.tasks.class_names`). With
         ``classification_detach`` the logits see a detached copy of the graph features: their loss trains
-        the logit layer only."""
+        the logit layer only. ``features``: also ``"features"``, the graph features (n, n_graph_feat)."""
         h = self.graph_features(z, gi)
         out = {"regression": self._regression(h, gi)}
+        if features:
+            out["features"] = h
         if self.classification is not None:
             out["logits"] = self.classification(h.detach() if self.config.classification_detach else h)
         return out
