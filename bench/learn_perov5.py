@@ -241,18 +241,19 @@ def score_row(packed, split, members: list[Path], cfg) -> dict:
         ref = reference_sample(train, cfg.train.distance_reference, cfg.train.seed)
         ens.distance = LatentDistance.from_features(ens.reference_features(packed, ref))
     pv, pt = ens.predict(packed, val), ens.predict(packed, test)
-    std_v = std_t = None
-    extra: dict = {}
+    std_v = std_t = model = None
     if ens.is_ensemble:
         masks = [packed.y_mask[val, c] for c in cols]
         model = fit_std_model(pv, [packed.y[val, c][m] for c, m in zip(cols, masks)], masks, 0.95)
         std_v, std_t = model.std(pv.std_raw, pv.distance), model.std(pt.std_raw, pt.distance)
-        extra = {"std_scale": dict(zip(ens.targets, map(float, model.scale)))}
-        if model.weight is not None:
-            extra["distance_weight"] = dict(zip(ens.targets, map(float, model.weight)))
     out = split_metrics(packed, test, train, pt, cols, cfg.train.gap_threshold, std_t)
     out["val"] = split_metrics(packed, val, train, pv, cols, cfg.train.gap_threshold, std_v)
-    out.update(extra)
+    for part in (out, out["val"]):
+        for k, name in enumerate(ens.targets):
+            if model is not None and part[name].get("n"):
+                part[name]["std_scale"] = float(model.scale[k])
+                if model.weight is not None:
+                    part[name]["distance_weight"] = float(model.weight[k])
     return out
 
 

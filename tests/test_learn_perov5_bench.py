@@ -36,7 +36,8 @@ def test_rows_one_at_a_time_then_merge(bench, shared, tmp_path):
     assert bench.main([*small, "--rows", "accurate", "--out", str(a)]) == 0
     m0 = a / "accurate" / "member_0" / "best.pt"
     stamp = m0.stat().st_mtime_ns
-    assert bench.main([*small, "--rows", "ensemble", "--members", "2", "--out", str(a)]) == 0
+    assert bench.main([*small, "--rows", "ensemble", "--members", "2", "--out", str(a),
+                       "--set", "train.distance_uncertainty=true"]) == 0  # scoring only: member 0 still reused
     assert m0.stat().st_mtime_ns == stamp  # member 0 is the single model, reused
     assert (a / "accurate" / "member_1" / "best.pt").is_file()
     assert bench.main([*small, "--rows", "benchmark", "--out", str(b)]) == 0
@@ -60,6 +61,8 @@ def test_rows_one_at_a_time_then_merge(bench, shared, tmp_path):
     for name in ("formation_energy", "volume_per_atom", "band_gap"):
         r = ens[name]
         assert r["std_scale"] > 0 and 0 <= r["coverage_68"] <= r["coverage_95"] <= 1
+        assert 0 <= r["distance_weight"] <= 1  # train.distance_uncertainty
+        assert "distance_weight" not in single[name]
         assert ens["val"][name]["coverage_95"] == pytest.approx(0.95, abs=0.1)  # fitted there
     assert single["train_seconds"] > 0 and ens["train_seconds"] > single["train_seconds"]
 
