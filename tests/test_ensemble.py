@@ -296,6 +296,13 @@ def test_distance_uncertainty_end_to_end(ensemble_run, tmp_path):
     assert r.returncode == 0, r.stderr
     std = np.array([[float(row[f"{t}_std"]) for t in TARGETS4] for row in _read(tmp_path / "p.csv")])
     assert np.isfinite(std).all() and (std >= 0).all()
+    r = _cli("evaluate", "--run", str(run), "--out", str(tmp_path / "ev"), "--split", "val", "--cache", str(root / "cache"))
+    assert r.returncode == 0, r.stderr
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    for t in TARGETS4:  # evaluate reproduces the calibration's val coverage with the distance std
+        assert metrics["uncertainty"][t]["distance_weight"] == pytest.approx(dist["weight"][t])
+        if info["calibration"]["n"][t]:
+            assert metrics["uncertainty"][t]["coverage_95"] == pytest.approx(info["calibration"]["coverage_95"][t])
     (run / LATENT_REFERENCE).write_bytes(b"broken")
     with pytest.raises(CgnnError, match="latent reference"):
         Ensemble.load(run)
