@@ -246,7 +246,7 @@ def write_sidecar(out: Path, model_path, ens, ckpt: dict, params, n_predicted: i
     from cgnn_dgl import __version__
     from cgnn_dgl.ensemble import first_checkpoint, is_ensemble_dir, read_ensemble_json
     from cgnn_dgl.fileio import atomic_write_json, sha256_file
-    from cgnn_dgl.tasks import TaskSet
+    from cgnn_dgl.tasks import UNTRAINED_NOTE, TaskSet, untrained_columns
 
     rec = ckpt_mod.record_of(ckpt) if ckpt_mod.is_cgnn_checkpoint(ckpt) else {}
     units = dict((rec.get("tasks") or {}).get("units") or {})
@@ -274,6 +274,8 @@ def write_sidecar(out: Path, model_path, ens, ckpt: dict, params, n_predicted: i
         "synthetic": synthetic,
         "labels_note": "the model was trained on SYNTHETIC labels: predictions show the pipeline works, not physics"
         if synthetic else "",
+        "untrained_columns": untrained_columns(rec.get("tasks")),
+        "untrained_note": UNTRAINED_NOTE if untrained_columns(rec.get("tasks")) else "",
         "n_predicted": int(n_predicted), "n_rejected": int(n_rejected),
         "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
@@ -333,9 +335,12 @@ def _cmd_predict(args) -> int:
             print(f"  ... and {len(rejects) - 20} more", file=sys.stderr)
     print(f"predicted {len(packed)} structure(s) -> {out} (units, model and settings in {sidecar})"
           + (f"; {len(rejects)} rejected" if rejects else ""))
-    if json.loads(Path(sidecar).read_text()).get("synthetic"):
+    doc = json.loads(Path(sidecar).read_text())
+    if doc.get("synthetic"):
         print("note: the model was trained on SYNTHETIC labels: predictions show the pipeline works, not physics",
               file=sys.stderr)
+    if doc.get("untrained_columns"):
+        print(f"note: {', '.join(doc['untrained_columns'])}: {doc['untrained_note']}", file=sys.stderr)
     return 0 if len(packed) else 1
 
 

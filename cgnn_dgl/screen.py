@@ -321,6 +321,9 @@ class Predictor:
         first = best_model(first)
         self.params = predict.coordinator_params_for(predict.ckpt_mod.load(first))
         self.labels = _model_labels(str(first))
+        from cgnn_dgl.tasks import untrained_columns
+
+        self.untrained = untrained_columns(predict.ckpt_mod.record_of(predict.ckpt_mod.load(first)).get("tasks"))
 
     def __call__(self, packed):
         """(mean (m, T), std (m, T) or None, probabilities (m, 2) or None) in physical units."""
@@ -581,6 +584,7 @@ class Screen:
         manifest = {"fingerprint": fp, "shards": sorted(shards), "layout": self.layout.__dict__,
                     "total_decorations": self.dec.total, "n_chunks": self.n_chunks,
                     "model_targets": list(self.model.targets), "model_labels": self.model.labels,
+                    "model_untrained": self.model.untrained,
                     "model_units": dict(self.model.ensemble.units)}
         atomic_write_json(man_path, manifest)
         return manifest
@@ -793,6 +797,9 @@ def finish(dirs: Sequence[Path], out: Path, top: int, model_path: str | None = N
     proto_path = Path(dirs[0]) / "prototype.cif"
     model = model_path or fp["model"]
     labels = manifest.get("model_labels", "unknown")
+    from cgnn_dgl.tasks import UNTRAINED_NOTE
+
+    untrained = list(manifest.get("model_untrained") or [])
     cifs = write_top_cifs(out / "top", proto_path, tops, layout, model, labels)
     plot = plot_distribution(out / "hull_distance.png", np.asarray(values, dtype=float), rank_by, descending,
                              min(top, n), model, labels)
@@ -805,6 +812,8 @@ def finish(dirs: Sequence[Path], out: Path, top: int, model_path: str | None = N
         "model": model, "model_labels": labels,
         "labels_note": ("predictions of a model trained on SYNTHETIC labels: they show the pipeline works, "
                         "not physics") if labels == "synthetic" else "",
+        "untrained_columns": untrained,
+        "untrained_note": UNTRAINED_NOTE if untrained else "",
         "rank_by": rank_by, "order": "descending" if descending else "ascending",
         "columns": {c: units.get(c, "") for c in cols + ["rank"]},
         "column_notes": {"key": "the decoration's index in the enumeration (mixed radix over the named sites)",

@@ -379,3 +379,17 @@ def oqmd_preset(train_cfg=None, classification_heads: bool = True) -> TaskSet:
     from cgnn_dgl.config import ModelConfig
 
     return TaskSet.from_configs(ModelConfig(targets=TARGETS, classification_heads=classification_heads), train_cfg)
+
+
+def untrained_columns(task_record: dict | None) -> list[str]:
+    """The output columns of a model that learnt nothing, from its checkpoint's task record: targets
+    without a label in the training split, and ``p_<class>`` of heads whose loss was off (one class
+    only). Empty for a checkpoint older than the record."""
+    rec = task_record or {}
+    out = [t for t, n in (rec.get("training_labels") or {}).items() if int(n) == 0]
+    out += [f"p_{c}" for c, trained in (rec.get("heads_trained") or {}).items() if not trained]
+    return out
+
+
+UNTRAINED_NOTE = ("the model saw no (or only one class of) training labels for these columns: their values "
+                  "are not predictions")

@@ -113,6 +113,13 @@ def shard_indices(indices: np.ndarray, rank: int, world: int) -> np.ndarray:
 # pieces shared with evaluate / predict
 
 
+def drop_lone_last(idx: np.ndarray, batch_size: int) -> np.ndarray:
+    """``idx`` without its last entry when that entry would form a batch of one crystal, which batch norm
+    cannot normalise in training mode (a training split of 33 at batch 32, say). Training indices are
+    shuffled, so each epoch leaves out another crystal."""
+    return idx[:-1] if len(idx) > 1 and len(idx) % batch_size == 1 else idx
+
+
 def target_columns(names, held) -> list[int]:
     """Indices of the target ``names`` among a cache's columns ``held`` (its manifest's targets); a one-line
     error naming what the cache holds when any is missing."""
@@ -285,6 +292,11 @@ class Trainer:
         self.cls_w = torch.ones(len(self.tasks.heads), device=self.device)
         if self.has_cls:
             self.cls_w = self.tasks.head_weights(y_tr, m_tr).to(self.device)
+        # which outputs learnt anything: predictions and screens flag the others (e.g. magnetization
+        # and p_magnetic of a model trained on data without magnetic labels)
+        self.record["tasks"]["training_labels"] = {n: int(m_tr[:, k].sum()) for k, n in enumerate(self.model_targets)}
+        self.record["tasks"]["heads_trained"] = {c: bool(w > 0) for c, w in
+                                                 zip(self.tasks.class_names, self.cls_w.tolist())} if self.has_cls else {}
 
         self.flat = use_flat_loader(self.t, self.device)
         self.heads = HeadsModule(self.model)
@@ -375,6 +387,7 @@ class Trainer:
             self._freeze_trunk(frozen)
             idx = shard_indices(indices[self.np_rng.permutation(len(indices))], self.dist.rank, self.dist.world)
             bs = max(1, self.t.batch_size // self.dist.world)
+            idx = drop_lone_last(idx, bs)
             if self.t.record_seen and self.epoch == 0:
                 (self.run_dir / f"seen_rank{self.dist.rank}.txt").write_text(
                     "\n".join(str(int(e)) for e in self.packed.entry_id[idx]) + "\n")
@@ -462,7 +475,7 @@ class Trainer:
         for m in bns:
             m.reset_running_stats()
             m.momentum = None  # cumulative average over the batches
-        idx = shard_indices(indices, self.dist.rank, self.dist.world)
+        idx = drop_lone_last(shard_indices(indices, self.dist.rank, self.dist.world), self.t.precise_bn_batch_size)
         with torch.no_grad():
             for z, gi, _, _ in self._batches(idx, self.t.precise_bn_batch_size):
                 self.model(z, gi)

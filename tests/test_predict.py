@@ -213,3 +213,30 @@ def test_predict_from_database(trained_run, tmp_path):
     engine.dispose()
     assert len(got) + len(rejects) == n_selected and len(got) >= 30
     assert all(np.isfinite(float(row["formation_energy"])) for row in got)
+
+
+def test_outputs_without_training_labels_are_flagged(dev_corpus, tmp_path):
+    """A model trained without magnetization labels: its checkpoint records the label counts, and
+    `cgnn predict` names magnetization and p_magnetic as untrained in the sidecar and on stderr."""
+    from cgnn_dgl.config import RunConfig
+    from cgnn_dgl.tasks import untrained_columns
+    from cgnn_dgl.train import train_run
+
+    rows = usable_rows(dev_corpus, 120)
+    cache = write_cache(tmp_path / "cache", rows, seed=2, unlabelled=(3,))
+    cfg = tiny_config(cache, tmp_path / "run", epochs=1)
+    cfg = RunConfig.from_dict({"model": {**cfg.model.to_dict(), "classification_heads": True},
+                               "train": cfg.train.to_dict()})
+    train_run(cfg, tmp_path / "run")
+    tasks = torch.load(tmp_path / "run" / "best.pt", weights_only=True)["tasks"]
+    assert tasks["training_labels"]["magnetization"] == 0 and tasks["training_labels"]["formation_energy"] > 0
+    assert tasks["heads_trained"] == {"insulator": True, "magnetic": False}
+    assert untrained_columns(tasks) == ["magnetization", "p_magnetic"]
+    assert untrained_columns(None) == [] and untrained_columns({"training_labels": {"a": 3}}) == []
+    json_in = tmp_path / "in.json"
+    json_in.write_text(json.dumps([{k: r[k] for k in ("name", "lattice", "numbers", "frac")} for r in rows[:3]]))
+    r = _cli("predict", "--model", str(tmp_path / "run"), str(json_in), "--out", str(tmp_path / "p.csv"))
+    assert r.returncode == 0, r.stderr
+    side = json.loads((tmp_path / "p.json").read_text())
+    assert side["untrained_columns"] == ["magnetization", "p_magnetic"] and "not predictions" in side["untrained_note"]
+    assert "magnetization, p_magnetic" in r.stderr

@@ -2,6 +2,7 @@
 screen == predict, hull against a hand-built phase diagram, resume."""
 from __future__ import annotations
 
+import json
 import math
 from math import comb
 
@@ -145,6 +146,8 @@ def test_screen_equals_predict_and_cif_volume(trained, tmp_path):
     _screen(trained, model, out, top=4)
     rows = _read_csv(out / "candidates.csv")
     assert len(rows) == 3 * 2 * 4  # X pool of 2 on 3 equivalent sites: C(4, 3) = 4 multisets
+    meta = json.loads((out / "candidates.meta.json").read_text())
+    assert meta["untrained_columns"] == [] and meta["untrained_note"] == ""  # every target had labels
     assert "formation_energy_std" not in rows[0]
     proto = perovskite()
     cifs = tmp_path / "cifs"
@@ -491,3 +494,17 @@ def test_reduced_formula_equals_pymatgen(comp):
         warnings.simplefilter("ignore")
         expected = Composition({Element.from_Z(int(a)): int(n) for a, n in zip(z, counts)}).reduced_formula
         assert reduced_formula(z, counts) == expected
+
+
+def test_screen_flags_outputs_without_training_labels(trained, dev_corpus, tmp_path):
+    from test_train import tiny_config, usable_rows, write_cache
+
+    from cgnn_dgl.train import train_run
+
+    rows = usable_rows(dev_corpus, 120, sources=("perov_val",))
+    cache = write_cache(tmp_path / "cache", rows, seed=3, unlabelled=(3,))
+    train_run(tiny_config(cache, tmp_path / "run", epochs=1), tmp_path / "run")
+    out = tmp_path / "s"
+    _screen(trained, tmp_path / "run" / "best.pt", out)
+    meta = json.loads((out / "candidates.meta.json").read_text())
+    assert meta["untrained_columns"] == ["magnetization"] and "not predictions" in meta["untrained_note"]

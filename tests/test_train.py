@@ -39,8 +39,9 @@ def synthetic_targets(numbers: np.ndarray, lattice: np.ndarray, rng) -> tuple[np
     return y, mask
 
 
-def write_cache(path: Path, rows: list[dict], seed: int = 0, labelled: bool = True) -> Path:
-    """A real on-disk cache (CacheWriter) from reference neighbour lists, with synthetic targets."""
+def write_cache(path: Path, rows: list[dict], seed: int = 0, labelled: bool = True, unlabelled=()) -> Path:
+    """A real on-disk cache (CacheWriter) from reference neighbour lists, with synthetic targets (none
+    for the target columns ``unlabelled``, e.g. (3,): no magnetization labels)."""
     from cgnn_dgl.cache import Built, CacheWriter, ShardStream
 
     rng = np.random.default_rng(seed)
@@ -53,6 +54,7 @@ def write_cache(path: Path, rows: list[dict], seed: int = 0, labelled: bool = Tr
         nbr = np.array([i for n in row["neighbors"] for i in n], np.int64)
         y, mask = synthetic_targets(numbers, np.asarray(row["lattice"]), rng)
         mask = mask if labelled else np.zeros_like(mask)
+        mask[list(unlabelled)] = False
         stream.add(Built(key, row["name"], numbers, counts, nbr, np.where(mask, y, 0.0), mask))
     stream.flush()
     writer.close()
@@ -558,3 +560,19 @@ def test_member_split_bootstraps_only_the_training_part():
     assert len(a["train"]) == 100 and len(np.unique(a["train"])) < 100  # with replacement
     assert set(a["train"]) <= set(split["train"])
     assert a["val"] is split["val"] and a["test"] is split["test"]
+
+
+def test_a_lone_last_training_batch_is_dropped(cache, tmp_path):
+    """33 training crystals at batch 32 (and precise batch norm in batches of 16) leave a batch of one
+    crystal, which batch norm cannot normalise in training mode: that crystal sits the epoch out."""
+    from cgnn_dgl.train import Trainer, drop_lone_last, load_cache
+
+    assert drop_lone_last(np.arange(33), 32).tolist() == list(range(32))
+    assert drop_lone_last(np.arange(34), 32).tolist() == list(range(34))
+    assert drop_lone_last(np.arange(1), 32).tolist() == [0]
+    packed = load_cache(str(cache))
+    split = {"train": np.arange(33), "val": np.arange(33, 45), "test": np.arange(45, 50)}
+    cfg = tiny_config(cache, tmp_path / "r", epochs=2, precise_bn_batch_size=16)
+    (tmp_path / "r").mkdir()
+    summary = Trainer(cfg, tmp_path / "r", packed, split).fit()
+    assert summary["epochs"] == 2 and np.isfinite(summary["best_score"])
