@@ -200,7 +200,7 @@ class LatentDistance:
             refs.append((mu, sd, (f - mu) / sd))
         return cls(refs, k)
 
-    def __call__(self, member_features: list[np.ndarray], chunk: int = 4096) -> np.ndarray:
+    def __call__(self, member_features: list[np.ndarray], chunk: int = 1024) -> np.ndarray:
         if len(member_features) != len(self.refs):
             raise CgnnError(f"latent distance: {len(member_features)} members' features for {len(self.refs)} references")
         out = []
