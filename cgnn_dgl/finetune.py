@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 HEADS = ("regression", "classification")  # child modules of CGNN that are output heads
 STATS = ("target_mean", "target_std")  # standardisation buffers: set from the new run's training split
 # fields of ModelConfig that describe the heads, not the trunk: the run config decides them
-HEAD_FIELDS = ("targets", "classification_heads", "classification_hidden")
+HEAD_FIELDS = ("targets", "classification_heads", "classification_hidden", "classification_detach", "binary_targets")
 
 
 def is_trunk_key(key: str) -> bool:

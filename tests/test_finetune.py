@@ -177,3 +177,24 @@ def test_cli_init_and_arch(cache, base, tmp_path):
     frozen = subprocess.run(run + ["--out", str(tmp_path / "c"), "--init", str(base), "--set",
                                    "train.freeze_trunk_epochs=1"], capture_output=True, text=True, env=env)
     assert frozen.returncode == 0, frozen.stderr[-2000:]  # --init counts when the config is checked
+
+
+def test_init_with_detached_classification_heads_into_a_run_without_heads(cache, tmp_path):
+    """The heads' settings (classification_heads, _detach, _hidden, binary_targets) are the run's, the
+    trunk's (e.g. species_descriptors) the init's: fine-tuning a configs/accurate.yaml-style model into a
+    plain regression run works, with the descriptor map carried over."""
+    from cgnn_dgl.config import RunConfig
+    from cgnn_dgl.train import train_run
+
+    heads = {"classification_heads": True, "classification_detach": True, "classification_hidden": 8,
+             "species_descriptors": True}
+    src = tiny_config(cache, tmp_path / "src", epochs=1)
+    src = RunConfig.from_dict({"model": {**src.model.to_dict(), **heads}, "train": src.train.to_dict()})
+    train_run(src, tmp_path / "src")
+    ft = _ft_config(cache, tmp_path / "ft", tmp_path / "src" / "best.pt", epochs=1)
+    train_run(ft, tmp_path / "ft")
+    got = torch.load(tmp_path / "ft" / "best.pt", weights_only=True)
+    cfg = got["model_config"]
+    assert cfg["classification_heads"] is False and cfg["classification_detach"] is False
+    assert cfg["species_descriptors"] is True and "embedding.descriptor.weight" in got["model"]
+    assert not any(k.startswith("classification.") for k in got["model"])
