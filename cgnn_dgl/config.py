@@ -509,6 +509,10 @@ class TrainConfig:
             bad(f"init_arch: {self.init_arch!r} is not one of {MODEL_PRESETS}")
         if self.init_arch is not None and not self.init:
             bad("init_arch names the model of a train.init reference state_dict; give train.init (--init CKPT)")
+        if check_files and self.init is not None and Path(self.init).is_dir():
+            found = [str(p) for p in (Path(self.init) / "best.pt", Path(self.init) / "member_0" / "best.pt") if p.is_file()]
+            bad(f"init: {self.init} is a folder; give a checkpoint file"
+                + (f", e.g. {' or '.join(found)}" if found else " (the folder holds no best.pt)"))
         if check_files and self.init is not None and not Path(self.init).is_file():
             bad(f"init: {self.init} not found")
 

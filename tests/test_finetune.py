@@ -198,3 +198,5 @@ def test_init_with_detached_classification_heads_into_a_run_without_heads(cache,
     assert cfg["classification_heads"] is False and cfg["classification_detach"] is False
     assert cfg["species_descriptors"] is True and "embedding.descriptor.weight" in got["model"]
     assert not any(k.startswith("classification.") for k in got["model"])
+    with pytest.raises(UsageError, match=r"is a folder; give a checkpoint file, e\.g\. .*src/best\.pt"):
+        _ft_config(cache, tmp_path / "ft2", tmp_path / "src").train.validate(check_files=True)
