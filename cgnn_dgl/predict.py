@@ -252,9 +252,10 @@ def write_sidecar(out: Path, model_path, ens, ckpt: dict, params, n_predicted: i
     units = dict((rec.get("tasks") or {}).get("units") or {})
     tasks = TaskSet.from_configs(ens.config, units=units)
     model_path = Path(model_path)
-    files = ([model_path / m for m in read_ensemble_json(model_path)["members"]] if is_ensemble_dir(model_path)
-             else [first_checkpoint(model_path)])
+    info = read_ensemble_json(model_path) if is_ensemble_dir(model_path) else None
+    files = [model_path / m for m in info["members"]] if info else [first_checkpoint(model_path)]
     synthetic = rec.get("synthetic")
+    untrained = untrained_columns(rec.get("tasks"))
     doc = {
         "what": "cgnn predict: properties predicted by a CGNN model for the structures named in 'predictions'",
         "predictions": out.name,
@@ -262,8 +263,8 @@ def write_sidecar(out: Path, model_path, ens, ckpt: dict, params, n_predicted: i
         + [{"name": c, "unit": u} for c, u in tasks.prediction_columns(std=ens.is_ensemble)],
         "units": dict(tasks.prediction_columns(std=ens.is_ensemble)),
         "targets": list(tasks.names), "classes": list(tasks.class_names),
-        "std": (read_ensemble_json(model_path).get("std", "") + "; mean +- 1.96 std is the 95% interval, "
-                "calibrated on the validation split") if is_ensemble_dir(model_path) else None,
+        "std": (info.get("std", "") + "; mean +- 1.96 std is the 95% interval, calibrated on the validation "
+                "split") if info else None,
         "model": str(model_path), "model_files": [{"path": str(f), "sha256": sha256_file(f)} for f in files],
         "model_sha256": sha256_file(files[0]) if len(files) == 1 else None,
         "coordinator": params.as_dict(),
@@ -274,8 +275,8 @@ def write_sidecar(out: Path, model_path, ens, ckpt: dict, params, n_predicted: i
         "synthetic": synthetic,
         "labels_note": "the model was trained on SYNTHETIC labels: predictions show the pipeline works, not physics"
         if synthetic else "",
-        "untrained_columns": untrained_columns(rec.get("tasks")),
-        "untrained_note": UNTRAINED_NOTE if untrained_columns(rec.get("tasks")) else "",
+        "untrained_columns": untrained,
+        "untrained_note": UNTRAINED_NOTE if untrained else "",
         "n_predicted": int(n_predicted), "n_rejected": int(n_rejected),
         "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }

@@ -319,11 +319,12 @@ class Predictor:
         # the checkpoint whose coordinator settings built the training graphs (member 0 of an ensemble)
         first = Path(path) / read_ensemble_json(path)["members"][0] if is_ensemble_dir(path) else Path(path)
         first = best_model(first)
-        self.params = predict.coordinator_params_for(predict.ckpt_mod.load(first))
-        self.labels = _model_labels(str(first))
         from cgnn_dgl.tasks import untrained_columns
 
-        self.untrained = untrained_columns(predict.ckpt_mod.record_of(predict.ckpt_mod.load(first)).get("tasks"))
+        ckpt = predict.ckpt_mod.load(first)
+        self.params = predict.coordinator_params_for(ckpt)
+        self.labels = _model_labels(str(first))
+        self.untrained = untrained_columns(predict.ckpt_mod.record_of(ckpt).get("tasks"))
 
     def __call__(self, packed):
         """(mean (m, T), std (m, T) or None, probabilities (m, 2) or None) in physical units."""
