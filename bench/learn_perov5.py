@@ -137,7 +137,7 @@ SPLIT_SEED = 12345
 NAMES = ("formation_energy", "volume_per_atom", "band_gap", "magnetization")
 # settings that do not change what a member learns (a member trained with other values is reused)
 _NEUTRAL = ("out_dir", "progress", "num_threads", "workers", "device", "ensemble", "distance_uncertainty",
-            "distance_reference")
+            "distance_reference", "local_error_uncertainty")
 
 
 def _comparable(cfg_dict: dict) -> dict:
@@ -231,7 +231,7 @@ def score_row(packed, split, members: list[Path], cfg) -> dict:
     """Test (and val) metrics of the mean of ``members``; with several, the std model is fitted on val
     (:func:`cgnn_dgl.ensemble.fit_std_model`, with the latent distance when
     ``train.distance_uncertainty``) and scored on test."""
-    from cgnn_dgl.ensemble import Ensemble, LatentDistance, fit_std_model, reference_sample
+    from cgnn_dgl.ensemble import Ensemble, fit_std_model, reference_sample
     from cgnn_dgl.train import target_columns
 
     ens = Ensemble.load_members(members[0].parent.parent, [f"{m.parent.name}/{m.name}" for m in members])
@@ -239,13 +239,14 @@ def score_row(packed, split, members: list[Path], cfg) -> dict:
     val, test, train = split["val"], split["test"], split["train"]
     if ens.is_ensemble and cfg.train.distance_uncertainty:
         ref = reference_sample(train, cfg.train.distance_reference, cfg.train.seed)
-        ens.distance = LatentDistance.from_features(ens.reference_features(packed, ref))
+        ens.distance = ens.latent_reference(packed, ref, errors=cfg.train.local_error_uncertainty)
     pv, pt = ens.predict(packed, val), ens.predict(packed, test)
     std_v = std_t = model = None
     if ens.is_ensemble:
         masks = [packed.y_mask[val, c] for c in cols]
         model = fit_std_model(pv, [packed.y[val, c][m] for c, m in zip(cols, masks)], masks, 0.95)
-        std_v, std_t = model.std(pv.std_raw, pv.distance), model.std(pt.std_raw, pt.distance)
+        std_v, std_t = (model.std(pv.std_raw, pv.distance, pv.local_error),
+                        model.std(pt.std_raw, pt.distance, pt.local_error))
     out = split_metrics(packed, test, train, pt, cols, cfg.train.gap_threshold, std_t)
     out["val"] = split_metrics(packed, val, train, pv, cols, cfg.train.gap_threshold, std_v)
     for part in (out, out["val"]):
@@ -254,6 +255,8 @@ def score_row(packed, split, members: list[Path], cfg) -> dict:
                 part[name]["std_scale"] = float(model.scale[k])
                 if model.weight is not None:
                     part[name]["distance_weight"] = float(model.weight[k])
+                if model.local_weight is not None:
+                    part[name]["local_error_weight"] = float(model.local_weight[k])
     return out
 
 

@@ -417,6 +417,10 @@ class TrainConfig:
     # members can agree and still be wrong; the distance sees that. See cgnn_dgl.ensemble.LatentDistance.
     distance_uncertainty: bool = False
     distance_reference: int = 20000
+    # A third term (needs distance_uncertainty): the local training error, the ensemble's mean absolute
+    # error on the same nearest reference crystals, per target, with its own share fitted on val. It is
+    # where the model stays wrong on its own training data (insulators' gaps among metals, say).
+    local_error_uncertainty: bool = False
     workers: int = 1  # ensemble members trained at the same time, in separate processes
     # data and outputs
     cache: str | None = None
@@ -454,6 +458,8 @@ class TrainConfig:
             bad(f"lr must be > 0 (got {self.lr})")
         if self.distance_reference < 10:
             bad(f"distance_reference must be >= 10 (got {self.distance_reference})")
+        if self.local_error_uncertainty and not self.distance_uncertainty:
+            bad("local_error_uncertainty needs distance_uncertainty: true (it uses the same nearest reference crystals)")
         if self.precise_bn_batch_size < 0:
             bad(f"precise_bn_batch_size must be >= 0 (got {self.precise_bn_batch_size})")
         if self.batch_size < 1 or self.eval_batch_size < 0:

@@ -26,6 +26,9 @@ mean distance to the 5 nearest of a sample of training crystals in each member's
 features, ``RUN/latent_reference.npz``): ``std = scale_t sqrt((1 - w_t) spread² + w_t (a_t d / d̄)²)``,
 with the share ``w_t`` fitted on val by Gaussian likelihood (:class:`StdModel`), then ``scale_t`` as above.
 Members can agree and still be wrong far from their training data; the distance sees that.
+``train.local_error_uncertainty`` adds a third term, the ensemble's mean absolute training error on the
+same nearest reference crystals (stored with the reference), with its own share: where the model is
+wrong even on its own training data (an insulator's gap among metals), it will be wrong on new data too.
 
 Python API for other tools (e.g. screening): ``Ensemble.load(path).predict(packed)`` or
 :func:`predict_with_uncertainty`, both returning a :class:`Prediction` (mean, std, probabilities).
@@ -119,50 +122,90 @@ def uncertainty_metrics(mean, std, true) -> dict:
 
 @dataclass
 class StdModel:
-    """``std = scale * sqrt((1 - w) spread² + w (spread_norm * distance / distance_norm)²)`` per target.
+    """``std = scale * sqrt((1 - w - v) spread² + w (spread_norm * distance / distance_norm)²
+    + v (spread_norm * local / local_norm)²)`` per target.
 
     ``weight`` None (or 0) is the plain calibrated spread, ``scale * spread``. The distance term is
     put in the spread's unit (``spread_norm``: the mean spread on val, ``distance_norm``: the mean
-    distance on val), so ``w`` is the share of the variance that the distance carries.
+    distance on val), so ``w`` is the share of the variance that the distance carries. ``local_weight``
+    ``v`` (``train.local_error_uncertainty``) is the share of the local training error (the mean error of
+    the nearest reference crystals, :meth:`LatentDistance.query`), put in the spread's unit the same way
+    (``local_norm``: its mean on val).
     """
 
     scale: np.ndarray
     weight: np.ndarray | None = None
     spread_norm: np.ndarray | None = None
     distance_norm: float = 1.0
+    local_weight: np.ndarray | None = None
+    local_norm: np.ndarray | None = None
 
-    def std(self, spread: np.ndarray, distance: np.ndarray | None = None) -> np.ndarray:
+    def std(self, spread: np.ndarray, distance: np.ndarray | None = None,
+            local: np.ndarray | None = None) -> np.ndarray:
         spread = np.asarray(spread, float)
         if self.weight is None or distance is None:
             return spread * self.scale
         d = (np.asarray(distance, float) / self.distance_norm)[:, None] * self.spread_norm
-        return self.scale * np.sqrt((1 - self.weight) * spread ** 2 + self.weight * d ** 2)
+        var = self.weight * d ** 2
+        rest = 1 - self.weight
+        if self.local_weight is not None and local is not None:
+            r = np.asarray(local, float) / self.local_norm * self.spread_norm
+            var = var + self.local_weight * r ** 2
+            rest = rest - self.local_weight
+        return self.scale * np.sqrt(np.maximum(rest, 0.0) * spread ** 2 + var)
+
+
+def fit_shares(err, terms: list[np.ndarray], n_grid: int = 41) -> list[float]:
+    """Shares ``s_1 .. s_K`` (each >= 0, summing to at most 1) of ``terms[1:]`` in the variance
+    ``(1 - sum s) terms[0]² + sum s_j terms[j]²`` that maximise the Gaussian likelihood of the errors
+    ``err`` (the scale at its optimum for each choice), on a grid of step ``1 / (n_grid - 1)``; zeros
+    without data. The terms must be in one unit (the spread's)."""
+    err = np.asarray(err, float)
+    terms = [np.asarray(t, float) for t in terms]
+    n_extra = len(terms) - 1
+    if err.size < 3 or n_extra < 1:
+        return [0.0] * max(n_extra, 0)
+    steps = n_grid - 1
+    sq = [t ** 2 for t in terms]
+    best, best_nll = (0,) * n_extra, math.inf
+
+    def grid(k: int, left: int):
+        if k == 0:
+            yield ()
+            return
+        for i in range(left + 1):
+            for rest in grid(k - 1, left - i):
+                yield (i, *rest)
+
+    for combo in grid(n_extra, steps):
+        shares = [c / steps for c in combo]
+        var = (1 - sum(shares)) * sq[0]
+        for s, q in zip(shares, sq[1:]):
+            var = var + s * q
+        g = np.maximum(np.sqrt(np.maximum(var, 0.0)), _TINY)
+        # NLL up to a constant, with the best scale s² = mean((err / g)²)
+        nll = 0.5 * math.log(float(np.mean((err / g) ** 2)) + _TINY) + float(np.mean(np.log(g)))
+        if nll < best_nll - 1e-12:
+            best, best_nll = combo, nll
+    return [c / steps for c in best]
 
 
 def fit_distance_weight(err, spread, distance, spread_norm: float, distance_norm: float, n_grid: int = 41) -> float:
     """The share ``w`` in [0, 1] of the distance term that maximises the Gaussian likelihood of the
     errors ``err`` (the scale at its optimum for each ``w``); 0 without data."""
-    err, spread, distance = (np.asarray(a, float) for a in (err, spread, distance))
-    if err.size < 3:
-        return 0.0
-    d = distance / distance_norm * spread_norm
-    best_w, best_nll = 0.0, math.inf
-    for w in np.linspace(0.0, 1.0, n_grid):
-        g = np.maximum(np.sqrt((1 - w) * spread ** 2 + w * d ** 2), _TINY)
-        # NLL up to a constant, with the best scale s² = mean((err / g)²)
-        nll = 0.5 * math.log(float(np.mean((err / g) ** 2)) + _TINY) + float(np.mean(np.log(g)))
-        if nll < best_nll - 1e-12:
-            best_w, best_nll = float(w), nll
-    return best_w
+    spread, distance = np.asarray(spread, float), np.asarray(distance, float)
+    return fit_shares(err, [spread, distance / distance_norm * spread_norm], n_grid)[0]
 
 
 def fit_std_model(pred: Prediction, true: list[np.ndarray], masks: list[np.ndarray], level: float = 0.95) -> StdModel:
-    """Fit the std model on validation predictions: per target the distance share (when ``pred`` has a
-    distance), then the scale so that ``mean ± z std`` covers ``level`` of the validation data."""
+    """Fit the std model on validation predictions: per target the shares of the distance (when ``pred``
+    has a distance) and of the local training error (when it has one), then the scale so that
+    ``mean ± z std`` covers ``level`` of the validation data."""
     T = len(pred.targets)
     scale = np.ones(T)
     use_distance = pred.distance is not None
-    weight, norm = np.zeros(T), np.ones(T)
+    use_local = use_distance and pred.local_error is not None
+    weight, local_w, norm, l_norm = np.zeros(T), np.zeros(T), np.ones(T), np.ones(T)
     d_norm = float(np.mean(pred.distance)) if use_distance and len(pred.distance) else 1.0
     d_norm = d_norm if d_norm > 0 else 1.0
     for k in range(T):
@@ -170,11 +213,21 @@ def fit_std_model(pred: Prediction, true: list[np.ndarray], masks: list[np.ndarr
         mean, raw = pred.mean[m, k], pred.std_raw[m, k]
         if use_distance and m.any():
             norm[k] = max(float(np.mean(raw)), _TINY)
-            weight[k] = fit_distance_weight(true[k] - mean, raw, pred.distance[m], norm[k], d_norm)
-    model = StdModel(np.ones(T), weight if use_distance else None, norm if use_distance else None, d_norm)
+            terms = [raw, pred.distance[m] / d_norm * norm[k]]
+            if use_local:
+                local = pred.local_error[m, k]
+                l_norm[k] = max(float(np.mean(local)), _TINY)
+                terms.append(local / l_norm[k] * norm[k])
+            shares = fit_shares(true[k] - mean, terms)
+            weight[k] = shares[0]
+            if use_local:
+                local_w[k] = shares[1]
+    model = StdModel(np.ones(T), weight if use_distance else None, norm if use_distance else None, d_norm,
+                     local_w if use_local else None, l_norm if use_local else None)
     for k in range(T):
         m = masks[k]
-        shape = model.std(pred.std_raw[m], pred.distance[m] if use_distance else None)[:, k]
+        shape = model.std(pred.std_raw[m], pred.distance[m] if use_distance else None,
+                          pred.local_error[m] if use_local else None)[:, k]
         scale[k] = calibration_scale(pred.mean[m, k], shape, true[k], level)
     model.scale = scale
     return model
@@ -183,40 +236,65 @@ def fit_std_model(pred: Prediction, true: list[np.ndarray], masks: list[np.ndarr
 class LatentDistance:
     """Mean distance of a crystal to its ``k`` nearest reference crystals (a sample of the training split)
     in each member's graph-feature space, standardised per feature on the reference; averaged over the
-    members. Cheap (one matrix of distances per batch) and blind to labels."""
+    members. Cheap (one matrix of distances per batch) and blind to labels.
 
-    def __init__(self, refs: list[tuple[np.ndarray, np.ndarray, np.ndarray]], k: int = 5):
+    With ``errors`` (``(n_reference, T)``: the ensemble's absolute training error of each reference
+    crystal per target, NaN where unlabelled; ``train.local_error_uncertainty``) :meth:`query` also gives
+    the local training error: the mean error of the same ``k`` neighbours per target (over the labelled
+    ones; the mean over all reference crystals where none is labelled), averaged over the members. It sees
+    where the model is wrong even on its own training data, e.g. the band gaps of insulators in a
+    mostly-metal training set."""
+
+    def __init__(self, refs: list[tuple[np.ndarray, np.ndarray, np.ndarray]], k: int = 5,
+                 errors: np.ndarray | None = None):
         self.refs = [(np.asarray(mu, np.float32), np.asarray(sd, np.float32), np.asarray(ref, np.float32))
                      for mu, sd, ref in refs]
         self.k = int(k)
+        self.errors = None if errors is None else np.asarray(errors, np.float32).reshape(len(self.refs[0][2]), -1)
 
     @classmethod
-    def from_features(cls, member_features: list[np.ndarray], k: int = 5) -> LatentDistance:
+    def from_features(cls, member_features: list[np.ndarray], k: int = 5,
+                      errors: np.ndarray | None = None) -> LatentDistance:
         refs = []
         for f in member_features:
             f = np.asarray(f, np.float32)
             mu, sd = f.mean(0), f.std(0)
             sd = np.where(sd > 1e-6, sd, 1.0).astype(np.float32)
             refs.append((mu, sd, (f - mu) / sd))
-        return cls(refs, k)
+        return cls(refs, k, errors)
 
     def __call__(self, member_features: list[np.ndarray], chunk: int = 1024) -> np.ndarray:
+        return self.query(member_features, chunk)[0]
+
+    def query(self, member_features: list[np.ndarray], chunk: int = 1024) -> tuple[np.ndarray, np.ndarray | None]:
+        """(distance ``(n,)``, local training error ``(n, T)`` or None without ``errors``)."""
         if len(member_features) != len(self.refs):
             raise CgnnError(f"latent distance: {len(member_features)} members' features for {len(self.refs)} references")
-        out = []
+        dists, locals_ = [], []
+        err = None if self.errors is None else torch.from_numpy(self.errors)
+        fallback = None if err is None else torch.nan_to_num(err.nanmean(0), nan=0.0)
         for f, (mu, sd, ref) in zip(member_features, self.refs):
             x = torch.from_numpy((np.asarray(f, np.float32) - mu) / sd)
             r = torch.from_numpy(ref)
             k = min(self.k, len(ref))
-            parts = [torch.cdist(x[i:i + chunk], r).topk(k, dim=1, largest=False).values.mean(1)
-                     for i in range(0, len(x), chunk)]
-            out.append(torch.cat(parts).double().numpy() if parts else np.zeros(0))
-        return np.mean(out, axis=0)
+            d_parts, l_parts = [], []
+            for i in range(0, len(x), chunk):
+                near = torch.cdist(x[i:i + chunk], r).topk(k, dim=1, largest=False)
+                d_parts.append(near.values.mean(1))
+                if err is not None:
+                    local = err[near.indices].nanmean(1)  # (chunk, T) over the labelled neighbours
+                    l_parts.append(torch.where(torch.isnan(local), fallback, local))
+            dists.append(torch.cat(d_parts).double().numpy() if d_parts else np.zeros(0))
+            if err is not None:
+                locals_.append(torch.cat(l_parts).double().numpy() if l_parts else np.zeros((0, err.shape[1])))
+        return np.mean(dists, axis=0), (np.mean(locals_, axis=0) if err is not None else None)
 
     def save(self, path: Path) -> None:
         arrays = {"k": np.array(self.k)}
         for j, (mu, sd, ref) in enumerate(self.refs):
             arrays.update({f"mu_{j}": mu, f"sd_{j}": sd, f"ref_{j}": ref.astype(np.float16)})
+        if self.errors is not None:
+            arrays["errors"] = self.errors
         tmp = Path(path).with_suffix(".tmp.npz")
         np.savez(tmp, **arrays)
         os.replace(tmp, path)
@@ -226,7 +304,8 @@ class LatentDistance:
         try:
             with np.load(path) as z:
                 n = sum(1 for key in z.files if key.startswith("ref_"))
-                return cls([(z[f"mu_{j}"], z[f"sd_{j}"], z[f"ref_{j}"]) for j in range(n)], int(z["k"]))
+                errors = z["errors"] if "errors" in z.files else None
+                return cls([(z[f"mu_{j}"], z[f"sd_{j}"], z[f"ref_{j}"]) for j in range(n)], int(z["k"]), errors)
         except (OSError, ValueError, KeyError) as exc:
             raise CgnnError(f"{path}: unreadable latent reference ({exc}); rerun the calibration with "
                             "`cgnn train --out RUN --resume`") from None
@@ -293,6 +372,7 @@ class Prediction:
     prob: np.ndarray | None = None
     members: np.ndarray | None = None
     distance: np.ndarray | None = None  # latent distance to the training data (train.distance_uncertainty)
+    local_error: np.ndarray | None = None  # (n, T) training error of the nearest (train.local_error_uncertainty)
 
 
 class Ensemble:
@@ -339,9 +419,15 @@ class Ensemble:
             dist = calib.get("distance")
             if dist:
                 ens.distance = LatentDistance.load(path / dist["reference"])
+                local = dist.get("local_error")
                 ens.std_model = StdModel(scale, np.array([dist["weight"][t] for t in ens.targets]),
                                          np.array([dist["spread_norm"][t] for t in ens.targets]),
-                                         float(dist["distance_norm"]))
+                                         float(dist["distance_norm"]),
+                                         np.array([local["weight"][t] for t in ens.targets]) if local else None,
+                                         np.array([local["norm"][t] for t in ens.targets]) if local else None)
+                if local and ens.distance.errors is None:
+                    raise CgnnError(f"{path / dist['reference']}: the calibration uses the local training error, "
+                                    "but the latent reference holds no errors; rerun `cgnn train --out RUN --resume`")
             else:
                 ens.std_model = StdModel(scale)
             return ens
@@ -390,15 +476,25 @@ class Ensemble:
         if not self.is_ensemble:
             return Prediction(self.targets, mean, prob=prob, members=members)
         raw = members.std(axis=0)
-        dist = self.distance(feats) if want else None
-        return Prediction(self.targets, mean, self.std_model.std(raw, dist), raw, prob, members, dist)
+        dist, local = self.distance.query(feats) if want else (None, None)
+        return Prediction(self.targets, mean, self.std_model.std(raw, dist, local), raw, prob, members, dist, local)
 
-    def reference_features(self, packed, indices, batch_size: int = 512, device: str | torch.device = "cpu",
-                           backend: str = "auto") -> list[np.ndarray]:
-        """Each member's graph features of the crystals ``indices`` (for :class:`LatentDistance`)."""
+    def latent_reference(self, packed, indices, batch_size: int = 512, device: str | torch.device = "cpu",
+                         backend: str = "auto", errors: bool = False) -> LatentDistance:
+        """The :class:`LatentDistance` reference of the crystals ``indices`` (a training sample): each
+        member's graph features; with ``errors`` also the ensemble mean's absolute error on them per target
+        (NaN where unlabelled), for the local training error."""
         from cgnn_dgl.predict import predict_packed_features
+        from cgnn_dgl.train import target_columns
 
-        return [predict_packed_features(m, packed, indices, batch_size, device, backend)[2] for m in self.models]
+        outs = [predict_packed_features(m, packed, indices, batch_size, device, backend) for m in self.models]
+        err = None
+        if errors:
+            idx = np.arange(len(packed)) if indices is None else np.asarray(indices, dtype=np.int64)
+            cols = target_columns(self.targets, packed.targets)
+            mean = np.mean([o[0] for o in outs], axis=0)
+            err = np.where(packed.y_mask[idx][:, cols], np.abs(mean - packed.y[idx][:, cols]), np.nan)
+        return LatentDistance.from_features([o[2] for o in outs], errors=err)
 
 
 def predict_with_uncertainty(model_path, packed, indices=None, *, batch_size: int = 512,
@@ -515,6 +611,20 @@ def train_ensemble(cfg, run_dir, resume: bool = False) -> dict:
             "calibration": info["calibration"]}
 
 
+def std_formula(calib: dict) -> str:
+    """How the std of an ensemble with this calibration is computed, in words (ensemble.json, sidecars)."""
+    if "distance" not in calib:
+        return "scale[target] x population std (ddof 0) of the member predictions, in the target's unit"
+    words = ("spread = population std (ddof 0) of the member predictions, distance = mean distance to the "
+             f"{LatentDistance.__name__} reference in the members' graph-feature spaces")
+    if "local_error" not in calib["distance"]:
+        return ("scale[target] x sqrt((1 - weight) spread^2 + weight (spread_norm x distance / distance_norm)^2): "
+                + words + "; in the target's unit")
+    return ("scale[target] x sqrt((1 - weight - local_error.weight) spread^2 + weight (spread_norm x distance / "
+            "distance_norm)^2 + local_error.weight (spread_norm x local / local_error.norm)^2): " + words
+            + ", local = mean absolute training error of the same nearest reference crystals; in the target's unit")
+
+
 def calibrate_ensemble(run_dir, cfg, packed) -> dict:
     """Fit one std scale per target on the validation split and write ``ensemble.json``."""
     from cgnn_dgl.rundir import SPLIT, resolve_device
@@ -537,14 +647,15 @@ def calibrate_ensemble(run_dir, cfg, packed) -> dict:
     bs = cfg.train.eval_batch_size or cfg.train.batch_size
     if len(val) and cfg.train.distance_uncertainty:
         ref_idx = reference_sample(parts["train"], cfg.train.distance_reference, cfg.train.seed)
-        ens.distance = LatentDistance.from_features(ens.reference_features(packed, ref_idx, bs, device, cfg.train.backend))
+        ens.distance = ens.latent_reference(packed, ref_idx, bs, device, cfg.train.backend,
+                                            errors=cfg.train.local_error_uncertainty)
         ens.distance.save(run_dir / LATENT_REFERENCE)
     if len(val):
         pred = ens.predict(packed, val, bs, device, cfg.train.backend)
         masks = [packed.y_mask[val, c] for c in cols]
         trues = [packed.y[val, c][m] for c, m in zip(cols, masks)]
         std_model = fit_std_model(pred, trues, masks, 0.95)
-        std = std_model.std(pred.std_raw, pred.distance)
+        std = std_model.std(pred.std_raw, pred.distance, pred.local_error)
         for k, t in enumerate(ens.targets):
             m, true = masks[k], trues[k]
             mean, raw = pred.mean[m, k], pred.std_raw[m, k]
@@ -559,6 +670,10 @@ def calibrate_ensemble(run_dir, cfg, packed) -> dict:
                 "neighbours": ens.distance.k, "distance_norm": std_model.distance_norm,
                 "weight": {t: float(std_model.weight[k]) for k, t in enumerate(ens.targets)},
                 "spread_norm": {t: float(std_model.spread_norm[k]) for k, t in enumerate(ens.targets)}}
+            if pred.local_error is not None:
+                calib["distance"]["local_error"] = {
+                    "weight": {t: float(std_model.local_weight[k]) for k, t in enumerate(ens.targets)},
+                    "norm": {t: float(std_model.local_norm[k]) for k, t in enumerate(ens.targets)}}
     else:
         log.warning("no validation split: the ensemble std is left uncalibrated (scale 1)")
         calib["scale"] = dict.fromkeys(ens.targets, 1.0)
@@ -570,11 +685,7 @@ def calibrate_ensemble(run_dir, cfg, packed) -> dict:
         "bootstrap": bool(cfg.train.bootstrap),
         "targets": list(ens.targets),
         "units": {t: u for t, u in packed.units.items() if t in ens.targets},
-        "std": ("scale[target] x population std (ddof 0) of the member predictions, in the target's unit"
-                if "distance" not in calib else
-                "scale[target] x sqrt((1 - weight) spread^2 + weight (spread_norm x distance / distance_norm)^2): "
-                "spread = population std (ddof 0) of the member predictions, distance = mean distance to the "
-                f"{LatentDistance.__name__} reference in the members' graph-feature spaces; in the target's unit"),
+        "std": std_formula(calib),
         "calibration": calib,
         "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }

@@ -246,6 +246,8 @@ def evaluate_run(run_dir, cache: str | None = None, split: str = "test", out: st
         if ens.std_model.weight is not None:  # train.distance_uncertainty: the latent distance's share
             for k, name in enumerate(mcfg.targets):
                 metrics["uncertainty"][name]["distance_weight"] = float(ens.std_model.weight[k])
+                if ens.std_model.local_weight is not None:  # train.local_error_uncertainty
+                    metrics["uncertainty"][name]["local_error_weight"] = float(ens.std_model.local_weight[k])
         metrics["members"] = len(ens)
     add_mean_baseline(metrics, mcfg.targets, packed.y[parts["train"]][:, cols], packed.y_mask[parts["train"]][:, cols],
                       true, mask)

@@ -166,6 +166,72 @@ def test_latent_distance_ignores_units_and_order_of_the_features(feats, a, b, pe
     assert np.allclose(LatentDistance.from_features([ref], k=1)([ref]), 0.0, atol=1e-3)
 
 
+# local training error (train.local_error_uncertainty): the third term of the std
+
+
+@pytest.mark.parametrize("shares", [(0.0, 0.0), (0.0, 0.6), (0.3, 0.4)])
+def test_shares_recover_the_sources_of_the_errors(shares):
+    """Errors drawn with variance (1 - w - v) spread² + w d² + v r² (independent terms in one unit): the
+    fitted shares come back, and on fresh data the fitted std covers 95% and ranks like the truth."""
+    w, v = shares
+
+    def draw(rng, n):
+        spread, distance, local = rng.uniform(0.1, 2.0, n), rng.uniform(0.5, 5.0, n), rng.uniform(0.01, 1.0, n)
+        d = distance / distance.mean() * spread.mean()
+        r = local / local.mean() * spread.mean()
+        sigma = np.sqrt((1 - w - v) * spread ** 2 + w * d ** 2 + v * r ** 2)
+        mean = rng.normal(size=n)
+        return mean, spread, distance, local, mean + rng.normal(size=n) * sigma * 0.8, sigma
+
+    mean, spread, distance, local, true, _ = draw(np.random.default_rng(3), 8000)
+    pred = Prediction(("t",), mean[:, None], std_raw=spread[:, None], distance=distance, local_error=local[:, None])
+    model = fit_std_model(pred, [true], [np.ones(len(true), bool)])
+    assert model.weight[0] == pytest.approx(w, abs=0.08)
+    assert model.local_weight[0] == pytest.approx(v, abs=0.08)
+    m2, s2, d2, l2, t2, sigma2 = draw(np.random.default_rng(4), 20000)
+    std = model.std(s2[:, None], d2, l2[:, None])[:, 0]
+    assert abs(interval_coverage(m2, std, t2, Z95) - 0.95) < 0.01
+    assert np.corrcoef(std, sigma2)[0, 1] > 0.98  # the shape of the true sigma, up to the scale
+    # without a local error at prediction time the model falls back to spread and distance only
+    assert np.isfinite(model.std(s2[:, None], d2)).all()
+
+
+@given(hnp.arrays(np.float64, (10, 3), elements=st.floats(-5, 5)),
+       hnp.arrays(np.float64, (10, 2), elements=st.floats(0, 3)),
+       hnp.arrays(np.bool_, (10, 2)), st.integers(1, 4))
+def test_local_error_is_the_mean_error_of_the_nearest(feats, errors, unlabelled, k):
+    """The local training error of a query is the mean error of its k nearest reference crystals (the
+    ones the distance uses), over the labelled ones; the reference mean where none is labelled."""
+    feats = feats + np.arange(10)[:, None] * np.array([1.0, -0.5, 0.25])  # distinct points
+    errors = np.where(unlabelled, np.nan, errors)
+    ref, query = feats[:7], feats[7:]
+    ld = LatentDistance.from_features([ref], k=k, errors=errors[:7])
+    dist, local = ld.query([query])
+    mu, sd, z = ld.refs[0]
+    zq = ((query - mu) / sd).astype(np.float32)
+    d = np.linalg.norm(zq[:, None, :] - z[None, :, :], axis=2)
+    for i in range(len(query)):
+        near = np.argsort(d[i], kind="stable")[:k]
+        assert dist[i] == pytest.approx(np.sort(d[i])[:k].mean(), rel=1e-4, abs=1e-4)
+        ranked = np.sort(d[i])
+        if np.isclose(ranked[k - 1], ranked[k], rtol=1e-4):
+            continue  # a tie at the k-th neighbour: either crystal is a right answer
+        for t in range(2):
+            e = errors[:7][near, t]
+            e = e[~np.isnan(e)]
+            ref_mean = np.nanmean(errors[:7, t]) if (~np.isnan(errors[:7, t])).any() else 0.0
+            expect = e.mean() if e.size else ref_mean
+            assert local[i, t] == pytest.approx(expect, rel=1e-4, abs=1e-5)
+
+
+def test_local_error_needs_the_distance():
+    from cgnn_dgl.config import TrainConfig
+    from cgnn_dgl.errors import UsageError
+
+    with pytest.raises(UsageError, match="local_error_uncertainty needs distance_uncertainty"):
+        TrainConfig(local_error_uncertainty=True).validate()
+
+
 # --------------------------------------------------------------------------------------------------
 # a trained two-member ensemble
 
@@ -305,6 +371,71 @@ def test_distance_uncertainty_end_to_end(ensemble_run, tmp_path):
             assert metrics["uncertainty"][t]["coverage_95"] == pytest.approx(info["calibration"]["coverage_95"][t])
     (run / LATENT_REFERENCE).write_bytes(b"broken")
     with pytest.raises(CgnnError, match="latent reference"):
+        Ensemble.load(run)
+
+
+def test_local_error_uncertainty_end_to_end(ensemble_run, tmp_path):
+    """train.local_error_uncertainty: the reference stores the ensemble's training errors, ensemble.json
+    the fitted shares and the formula; the loaded ensemble's std is that formula; evaluate reports the
+    share and reproduces the val coverage; `cgnn predict` names the formula in its sidecar."""
+    import shutil
+
+    from cgnn_dgl.cache import load_packed
+    from cgnn_dgl.config import RunConfig
+    from cgnn_dgl.ensemble import calibrate_ensemble, reference_sample
+    from cgnn_dgl.errors import CgnnError
+    from cgnn_dgl.split import load_split
+
+    root, rows, cfg, _ = ensemble_run
+    run = tmp_path / "run"
+    shutil.copytree(root / "run", run)
+    d = cfg.to_dict()
+    d["train"].update(distance_uncertainty=True, local_error_uncertainty=True, distance_reference=60)
+    packed = load_packed(root / "cache")
+    info = calibrate_ensemble(run, RunConfig.from_dict(d), packed)
+    dist = info["calibration"]["distance"]
+    local = dist["local_error"]
+    assert "local" in info["std"] and set(local["weight"]) == set(TARGETS4)
+    assert all(dist["weight"][t] >= 0.0 and local["weight"][t] >= 0.0 and dist["weight"][t] + local["weight"][t] <= 1.0
+               for t in TARGETS4)
+    ens = Ensemble.load(run)
+    errors = ens.distance.errors
+    assert errors.shape == (60, 4)
+    # the stored errors are |ensemble mean - label| on the reference crystals, NaN where unlabelled
+    train_idx = load_split(run / "split.json", packed.entry_id, packed.names)["train"]
+    ref_idx = reference_sample(train_idx, 60, cfg.train.seed)
+    truth = ens.predict(packed, ref_idx).mean
+    labelled = packed.y_mask[ref_idx][:, :4]
+    np.testing.assert_array_equal(np.isnan(errors), ~labelled)
+    np.testing.assert_allclose(errors[labelled], np.abs(truth - packed.y[ref_idx][:, :4])[labelled], rtol=1e-4, atol=1e-5)
+    res = ens.predict(packed, np.arange(20))
+    assert res.local_error.shape == (20, 4) and (res.local_error >= 0).all()
+    w = np.array([dist["weight"][t] for t in TARGETS4])
+    v = np.array([local["weight"][t] for t in TARGETS4])
+    norm = np.array([dist["spread_norm"][t] for t in TARGETS4])
+    l_norm = np.array([local["norm"][t] for t in TARGETS4])
+    scale = np.array([info["calibration"]["scale"][t] for t in TARGETS4])
+    term_d = (res.distance / dist["distance_norm"])[:, None] * norm
+    term_r = res.local_error / l_norm * norm
+    np.testing.assert_allclose(res.std, scale * np.sqrt((1 - w - v) * res.std_raw ** 2 + w * term_d ** 2
+                                                        + v * term_r ** 2), rtol=1e-9)
+    r = _cli("evaluate", "--run", str(run), "--out", str(tmp_path / "ev"), "--split", "val", "--cache", str(root / "cache"))
+    assert r.returncode == 0, r.stderr
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    for t in TARGETS4:
+        assert metrics["uncertainty"][t]["local_error_weight"] == pytest.approx(local["weight"][t])
+        if info["calibration"]["n"][t]:
+            assert metrics["uncertainty"][t]["coverage_95"] == pytest.approx(info["calibration"]["coverage_95"][t])
+    json_in = tmp_path / "in.json"
+    json_in.write_text(json.dumps([{k: r[k] for k in ("name", "lattice", "numbers", "frac")} for r in rows[:4]]))
+    r = _cli("predict", "--model", str(run), str(json_in), "--out", str(tmp_path / "p.csv"))
+    assert r.returncode == 0, r.stderr
+    sidecar = json.loads((tmp_path / "p.json").read_text())
+    assert "local = mean absolute training error" in json.dumps(sidecar)
+    # a reference without errors cannot serve a calibration that uses them
+    ens.distance.errors = None
+    ens.distance.save(run / LATENT_REFERENCE)
+    with pytest.raises(CgnnError, match="holds no errors"):
         Ensemble.load(run)
 
 
