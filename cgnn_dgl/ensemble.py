@@ -59,6 +59,7 @@ FORMAT_VERSION = 1
 DONE = "done.json"
 Z95 = 1.959963984540054  # two-sided 95% quantile of the standard normal
 Z68 = 0.994457883209753  # two-sided 68% quantile
+STD_INTERVAL_NOTE = "mean +- 1.96 std is the 95% interval, calibrated on the validation split"
 _TINY = 1e-12  # floor for a zero spread (identical members), so ratios stay finite
 
 

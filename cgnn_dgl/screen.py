@@ -303,7 +303,7 @@ class Predictor:
 
     def __init__(self, path: str, device: str = "cpu", batch_size: int = 1024):
         from cgnn_dgl import predict
-        from cgnn_dgl.ensemble import Ensemble, is_ensemble_dir, read_ensemble_json
+        from cgnn_dgl.ensemble import STD_INTERVAL_NOTE, Ensemble, is_ensemble_dir, read_ensemble_json
 
         self.path = str(path)
         self.device = device
@@ -325,6 +325,9 @@ class Predictor:
         self.params = predict.coordinator_params_for(ckpt)
         self.labels = _model_labels(str(first))
         self.untrained = untrained_columns(predict.ckpt_mod.record_of(ckpt).get("tasks"))
+        # how <target>_std is computed (ensemble.json), for the candidates' metadata
+        self.std_note = (read_ensemble_json(path).get("std", "") + "; " + STD_INTERVAL_NOTE
+                         if self.is_ensemble and is_ensemble_dir(path) else "")
 
     def __call__(self, packed):
         """(mean (m, T), std (m, T) or None, probabilities (m, 2) or None) in physical units."""
@@ -585,7 +588,7 @@ class Screen:
         manifest = {"fingerprint": fp, "shards": sorted(shards), "layout": self.layout.__dict__,
                     "total_decorations": self.dec.total, "n_chunks": self.n_chunks,
                     "model_targets": list(self.model.targets), "model_labels": self.model.labels,
-                    "model_untrained": self.model.untrained,
+                    "model_untrained": self.model.untrained, "model_std": self.model.std_note,
                     "model_units": dict(self.model.ensemble.units)}
         atomic_write_json(man_path, manifest)
         return manifest
@@ -823,6 +826,8 @@ def finish(dirs: Sequence[Path], out: Path, top: int, model_path: str | None = N
                          E_HULL: "predicted formation_energy - hull_energy (negative = below the known hull)",
                          "decomposition": "phases the hull decomposes the composition into (atom fractions)"},
     }
+    if manifest.get("model_std"):
+        meta["column_notes"]["<target>_std"] = manifest["model_std"]
     atomic_write_json(out / "candidates.meta.json", meta)
     summary = {
         **meta,

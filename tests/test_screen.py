@@ -183,6 +183,8 @@ def test_ensemble_run_writes_std_columns(trained, tmp_path):
     assert all(f"{t}_std" in rows[0] for t in TARGETS4)
     std = np.array([[float(r[f"{t}_std"]) for t in TARGETS4] for r in rows])
     assert np.isfinite(std).all() and (std >= 0).all() and (std > 0).any()
+    meta = json.loads((out / "candidates.meta.json").read_text())  # the file says how the std is made
+    assert meta["column_notes"]["<target>_std"].startswith("scale[target] x ") and "95% interval" in meta["column_notes"]["<target>_std"]
     single = {r["key"]: r for r in _read_csv(_screen(trained, trained / "run" / "member_0" / "best.pt",
                                                       tmp_path / "m0").out / "candidates.csv")}
     other = {r["key"]: r for r in _read_csv(_screen(trained, trained / "run" / "member_1" / "best.pt",
