@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -90,8 +91,9 @@ def predict_packed_features(model, packed, indices=None, batch_size: int = 512, 
     return pred, prob, feat
 
 
-def _gather_items(inputs, db: str | None, db_limit: int | None):
-    """BuildItems for every input plus early rejects (missing paths, bad JSON rows)."""
+def _gather_items(inputs, db: str | None, db_limit: int | None, read_options=None):
+    """BuildItems for every input plus early rejects (missing paths, bad JSON rows). ``read_options``
+    (:class:`cgnn_dgl.readers.ReadOptions`): how tables name their structure and id columns."""
     from cgnn_dgl.cache import Reject
     from cgnn_dgl.pipeline import BuildItem
     from cgnn_dgl.structures import StructureError, crystals_from_json, expand_inputs
@@ -102,7 +104,8 @@ def _gather_items(inputs, db: str | None, db_limit: int | None):
         from cgnn_dgl.readers import READERS, ReadOptions, input_kind, read_inputs
 
         if Path(inp).exists() and input_kind(Path(inp)) in READERS and Path(inp).suffix.lower() != ".json":
-            for item in read_inputs([inp], ReadOptions(labels=False)):  # id_prop folders, CSV/TSV, extxyz, ASE db: named by their ids
+            opts = replace(read_options, labels=False) if read_options else ReadOptions(labels=False)
+            for item in read_inputs([inp], opts):  # id_prop folders, CSV/TSV, extxyz, ASE db: named by their ids
                 item.key = key
                 items.append(item)
                 key += 1
@@ -156,13 +159,15 @@ def _gather_items(inputs, db: str | None, db_limit: int | None):
     return items, rejects
 
 
-def build_inputs(inputs, workers: int = 1, db: str | None = None, db_limit: int | None = None, params=None):
-    """(PackedGraphs of the good inputs, list of Reject) for prediction inputs (graphs built with ``params``)."""
+def build_inputs(inputs, workers: int = 1, db: str | None = None, db_limit: int | None = None, params=None,
+                 read_options=None):
+    """(PackedGraphs of the good inputs, list of Reject) for prediction inputs (graphs built with ``params``;
+    tables read with ``read_options``)."""
     from cgnn_dgl.batching import PackedGraphs
     from cgnn_dgl.cache import Built, Reject
     from cgnn_dgl.pipeline import build_many, input_name
 
-    items, rejects = _gather_items(inputs, db, db_limit)
+    items, rejects = _gather_items(inputs, db, db_limit, read_options)
     given = {it.key: input_name(it) for it in items}  # rejects found after the build name the input too
     built = []
     for res in build_many(items, workers=workers, params=params):
@@ -313,7 +318,12 @@ def _cmd_predict(args) -> int:
     if args.pruning != "auto":
         params = CoordinatorParams(**{**params.as_dict(), "pruning": args.pruning})
     params = CoordinatorParams(**{**params.as_dict(), "overlap_tolerance": args.overlap_tolerance})
-    packed, rejects = build_inputs(args.inputs, workers=args.workers, db=args.db, db_limit=args.limit, params=params)
+    from cgnn_dgl.readers import ReadOptions
+
+    table = ReadOptions(structure_column=args.structure_column, id_column=args.id_column, delimiter=args.delimiter,
+                        labels=False)
+    packed, rejects = build_inputs(args.inputs, workers=args.workers, db=args.db, db_limit=args.limit, params=params,
+                                   read_options=table)
     if len(packed):
         res = ens.predict(packed, batch_size=args.batch_size, device=device, backend=args.backend, progress=True)
         pred, prob, std = res.mean, res.prob, res.std
@@ -370,6 +380,14 @@ def register(sub) -> None:
     p.add_argument("--pruning", default="auto", choices=["auto", "exact", "kmeans"],
                    help="neighbour pruning of the graphs (default auto): auto = kmeans (the reference's KMeans choices) with "
                         "--arch reference weights, else exact (use the pruning the model's cache was built with)")
+    g = p.add_argument_group("table inputs (CSV/TSV, extxyz, ASE db; as for `cgnn graphs`)")
+    g.add_argument("--structure-column", metavar="COLUMN",
+                   help="CSV/TSV column of CIF or POSCAR text or structure-file paths (default: the first of "
+                        "structure, cif, poscar, path, file)")
+    g.add_argument("--id-column", metavar="COLUMN",
+                   help="column or key holding each structure's id, the output's name column (default: a column "
+                        "named id, else <file>-<row>)")
+    g.add_argument("--delimiter", help="field delimiter of CSV/TSV (default: tab for .tsv, else comma)")
     from cgnn_dgl.pipeline import add_overlap_arg
 
     add_overlap_arg(p)
