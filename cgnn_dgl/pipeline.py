@@ -229,6 +229,19 @@ def _cmd_graphs(args) -> int:
     return 0
 
 
+def add_table_args(g) -> None:
+    """``--structure-column``, ``--id-column`` and ``--delimiter``: how tables (CSV/TSV, id_prop.csv) and
+    keyed formats name their structures and ids (`cgnn graphs` and `cgnn predict`)."""
+    g.add_argument("--structure-column", metavar="COLUMN",
+                   help="CSV/TSV column of CIF or POSCAR text or structure-file paths (default: the first of "
+                        "structure, cif, poscar, path, file)")
+    g.add_argument("--id-column", metavar="COLUMN",
+                   help="column (CSV/TSV, id_prop.csv with a header) or key (extxyz info, ASE db key-value pairs, "
+                        "JSON records, pymatgen properties) holding each structure's id (default for a CSV: a "
+                        "column named id, else <file>-<row>)")
+    g.add_argument("--delimiter", help="field delimiter of CSV/TSV/id_prop.csv (default: tab for .tsv, else comma)")
+
+
 def add_coordinator_args(p) -> None:
     from cgnn_dgl.coordinator import DEFAULT_PARAMS, PRUNINGS
 
@@ -284,12 +297,6 @@ def register(sub) -> None:
                         "for an id_prop.csv without a header, its value columns in order")
     g.add_argument("--units", metavar="NAME=UNIT[,...]", help="units of the targets, recorded in the manifest (default: the OQMD units for OQMD names, "
                         "else none)")
-    g.add_argument("--structure-column", metavar="COLUMN",
-                   help="CSV/TSV column of CIF or POSCAR text or structure-file paths (default: the first of "
-                        "structure, cif, poscar, path, file)")
-    g.add_argument("--id-column", metavar="COLUMN",
-                   help="column (CSV/TSV, id_prop.csv with a header) or key (extxyz info, ASE db key-value pairs, "
-                        "JSON records, pymatgen properties) holding each structure's id")
-    g.add_argument("--delimiter", help="field delimiter of CSV/TSV/id_prop.csv (default: tab for .tsv, else comma)")
+    add_table_args(g)
     add_coordinator_args(p)
     p.set_defaults(func=_cmd_graphs)

@@ -380,14 +380,9 @@ def register(sub) -> None:
     p.add_argument("--pruning", default="auto", choices=["auto", "exact", "kmeans"],
                    help="neighbour pruning of the graphs (default auto): auto = kmeans (the reference's KMeans choices) with "
                         "--arch reference weights, else exact (use the pruning the model's cache was built with)")
-    g = p.add_argument_group("table inputs (CSV/TSV, extxyz, ASE db; as for `cgnn graphs`)")
-    g.add_argument("--structure-column", metavar="COLUMN",
-                   help="CSV/TSV column of CIF or POSCAR text or structure-file paths (default: the first of "
-                        "structure, cif, poscar, path, file)")
-    g.add_argument("--id-column", metavar="COLUMN",
-                   help="column or key holding each structure's id, the output's name column (default: a column "
-                        "named id, else <file>-<row>)")
-    g.add_argument("--delimiter", help="field delimiter of CSV/TSV (default: tab for .tsv, else comma)")
+    from cgnn_dgl.pipeline import add_table_args
+
+    add_table_args(p.add_argument_group("table inputs (CSV/TSV, extxyz, ASE db; as for `cgnn graphs`)"))
     from cgnn_dgl.pipeline import add_overlap_arg
 
     add_overlap_arg(p)
