@@ -626,6 +626,11 @@ def std_formula(calib: dict) -> str:
             + ", local = mean absolute training error of the same nearest reference crystals; in the target's unit")
 
 
+def std_note(info: dict) -> str:
+    """What a ``<target>_std`` column of the ensemble described by ``info`` (its ensemble.json) means."""
+    return info.get("std", "") + "; " + STD_INTERVAL_NOTE
+
+
 def calibrate_ensemble(run_dir, cfg, packed) -> dict:
     """Fit one std scale per target on the validation split and write ``ensemble.json``."""
     from cgnn_dgl.rundir import SPLIT, resolve_device

@@ -249,7 +249,7 @@ def write_sidecar(out: Path, model_path, ens, ckpt: dict, params, n_predicted: i
     import time
 
     from cgnn_dgl import __version__
-    from cgnn_dgl.ensemble import STD_INTERVAL_NOTE, first_checkpoint, is_ensemble_dir, read_ensemble_json
+    from cgnn_dgl.ensemble import first_checkpoint, is_ensemble_dir, read_ensemble_json, std_note
     from cgnn_dgl.fileio import atomic_write_json, sha256_file
     from cgnn_dgl.tasks import UNTRAINED_NOTE, TaskSet, untrained_columns
 
@@ -268,7 +268,7 @@ def write_sidecar(out: Path, model_path, ens, ckpt: dict, params, n_predicted: i
         + [{"name": c, "unit": u} for c, u in tasks.prediction_columns(std=ens.is_ensemble)],
         "units": dict(tasks.prediction_columns(std=ens.is_ensemble)),
         "targets": list(tasks.names), "classes": list(tasks.class_names),
-        "std": (info.get("std", "") + "; " + STD_INTERVAL_NOTE) if info else None,
+        "std": std_note(info) if info else None,
         "model": str(model_path), "model_files": [{"path": str(f), "sha256": sha256_file(f)} for f in files],
         "model_sha256": sha256_file(files[0]) if len(files) == 1 else None,
         "coordinator": params.as_dict(),
@@ -320,8 +320,7 @@ def _cmd_predict(args) -> int:
     params = CoordinatorParams(**{**params.as_dict(), "overlap_tolerance": args.overlap_tolerance})
     from cgnn_dgl.readers import ReadOptions
 
-    table = ReadOptions(structure_column=args.structure_column, id_column=args.id_column, delimiter=args.delimiter,
-                        labels=False)
+    table = ReadOptions(structure_column=args.structure_column, id_column=args.id_column, delimiter=args.delimiter)
     packed, rejects = build_inputs(args.inputs, workers=args.workers, db=args.db, db_limit=args.limit, params=params,
                                    read_options=table)
     if len(packed):

@@ -303,7 +303,7 @@ class Predictor:
 
     def __init__(self, path: str, device: str = "cpu", batch_size: int = 1024):
         from cgnn_dgl import predict
-        from cgnn_dgl.ensemble import STD_INTERVAL_NOTE, Ensemble, is_ensemble_dir, read_ensemble_json
+        from cgnn_dgl.ensemble import Ensemble, is_ensemble_dir, read_ensemble_json, std_note
 
         self.path = str(path)
         self.device = device
@@ -317,7 +317,8 @@ class Predictor:
         self.has_probs = bool(self.classes)
         self.is_ensemble = self.ensemble.is_ensemble
         # the checkpoint whose coordinator settings built the training graphs (member 0 of an ensemble)
-        first = Path(path) / read_ensemble_json(path)["members"][0] if is_ensemble_dir(path) else Path(path)
+        info = read_ensemble_json(path) if is_ensemble_dir(path) else None
+        first = Path(path) / info["members"][0] if info else Path(path)
         first = best_model(first)
         from cgnn_dgl.tasks import untrained_columns
 
@@ -326,8 +327,7 @@ class Predictor:
         self.labels = _model_labels(str(first))
         self.untrained = untrained_columns(predict.ckpt_mod.record_of(ckpt).get("tasks"))
         # how <target>_std is computed (ensemble.json), for the candidates' metadata
-        self.std_note = (read_ensemble_json(path).get("std", "") + "; " + STD_INTERVAL_NOTE
-                         if self.is_ensemble and is_ensemble_dir(path) else "")
+        self.std_note = std_note(info) if info and self.is_ensemble else ""
 
     def __call__(self, packed):
         """(mean (m, T), std (m, T) or None, probabilities (m, 2) or None) in physical units."""
