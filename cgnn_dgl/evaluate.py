@@ -9,6 +9,13 @@ Writes into ``--out`` (default: the run folder)::
     parity_<target>.png       predicted vs DFT
     training_curves.png       loss and validation MAE per epoch (from history.csv)
 
+``--split all`` scores every crystal of ``--cache`` instead of a part of the run's ``split.json``: a
+held-out set built with ``cgnn graphs`` or ``cgnn ingest``. metrics.json then names the cache and counts
+(``in_run_split``) its crystals that the run's split names (by entry id between database caches, else by
+name), so that training crystals
+in a "held-out" set are seen (a warning for train or val ones); the mean predictor is the training split's
+mean as the model's standardisation stored it.
+
 For an ensemble run folder (``ensemble.json``, :mod:`cgnn_dgl.ensemble`) predictions are the members'
 mean, the CSV gains ``<target>_std`` (calibrated std, the target's unit), metrics.json gains per target
 ``uncertainty``: Spearman correlation of |error| with std, coverage of the 68% and 95% intervals
@@ -34,6 +41,8 @@ from cgnn_dgl.errors import UsageError
 
 log = logging.getLogger(__name__)
 
+SPLITS = ("test", "val", "train", "all")
+"""``--split``: a part of the run's split.json, or ``all``, every crystal of ``--cache`` (a held-out set)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -106,6 +115,58 @@ def compute_metrics(targets, pred, true, mask, train_cfg, prob=None, tasks=None)
         tasks = TaskSet.from_configs(ModelConfig(targets=tuple(targets), classification_heads=prob is not None),
                                      train_cfg)
     return tasks.metrics(pred, true, mask, prob)
+
+
+def split_overlap(run_dir: Path, run_cache: str | None, packed, cache: str) -> dict[str, int] | None:
+    """How many crystals of a (held-out) cache the run's ``split.json`` names per part: ``--split all``
+    reports it so that training crystals in a "held-out" set are seen. Entry ids are compared only between
+    two database caches (a ``cgnn graphs`` cache numbers its inputs 0, 1, ...); otherwise names are, through
+    the run's own cache. None when that cannot be told (the run's cache is gone)."""
+    from cgnn_dgl.checkpoint import cache_record
+    from cgnn_dgl.rundir import SPLIT
+    from cgnn_dgl.split import PARTS
+
+    path = run_dir / SPLIT
+    if not path.is_file():
+        return None
+    key = json.loads(path.read_text()).get("key", "name")
+    by_id = cache_record(cache)["cache"]["source"] != "files" and (
+        run_cache is not None and cache_record(run_cache)["cache"]["source"] != "files")
+    if key == "name" or by_id:
+        return _quiet_overlap(path, packed.entry_id, packed.names)
+    if run_cache is None or not Path(run_cache).is_dir():
+        return None
+    from cgnn_dgl.train import load_cache
+
+    own = load_cache(run_cache)
+    parts = _quiet_overlap(path, own.entry_id, own.names, rows=True)
+    names = {str(n) for n in packed.names}
+    return {p: sum(str(own.names[i]) in names for i in parts[p]) for p in PARTS}
+
+
+def _quiet_overlap(path: Path, entry_ids, names, rows: bool = False) -> dict:
+    """load_split without its warnings (a held-out cache misses most of a run's split): the part sizes, or
+    the row arrays with ``rows``; zero / empty parts when nothing matches."""
+    from cgnn_dgl.split import PARTS, load_split
+
+    split_log = logging.getLogger("cgnn_dgl.split")
+    level = split_log.level
+    split_log.setLevel(logging.ERROR)
+    try:
+        parts = load_split(path, entry_ids, names)
+    except UsageError:
+        parts = {p: np.zeros(0, np.int64) for p in PARTS}
+    finally:
+        split_log.setLevel(level)
+    return parts if rows else {p: int(len(r)) for p, r in parts.items()}
+
+
+def training_means(ens, tasks) -> tuple[np.ndarray, np.ndarray]:
+    """The training split's label mean per target, as the first member's standardisation stored it, in the
+    (y, mask) form of :func:`add_mean_baseline`; a target trained without standardisation has none."""
+    mean = ens.models[0].target_mean.detach().cpu().double().numpy()
+    known = np.array([t.standardise for t in tasks.regression], dtype=bool)
+    return mean.reshape(1, -1), known.reshape(1, -1)
 
 
 def add_mean_baseline(metrics: dict, targets, y_train, m_train, y_eval, m_eval) -> None:
@@ -205,8 +266,8 @@ def evaluate_run(run_dir, cache: str | None = None, split: str = "test", out: st
     ensemble = is_ensemble_dir(run_dir)
     if not ensemble and not (run_dir / BEST).is_file():
         raise UsageError(f"{run_dir}: no {BEST} or ensemble.json (not a finished training run folder?)")
-    if split not in ("train", "val", "test"):
-        raise UsageError(f"--split must be train, val or test (got {split!r})")
+    if split not in SPLITS:
+        raise UsageError(f"--split must be one of {', '.join(SPLITS)} (got {split!r})")
     cfg = load_run_config(run_dir / CONFIG, check_files=False) if (run_dir / CONFIG).is_file() else None
     from cgnn_dgl.config import TrainConfig
 
@@ -219,12 +280,20 @@ def evaluate_run(run_dir, cache: str | None = None, split: str = "test", out: st
         from cgnn_dgl.cache import require_bond_ratios
 
         require_bond_ratios(packed, cache or train_cfg.cache)
-    if not (run_dir / SPLIT).is_file():
-        raise UsageError(f"{run_dir}: no {SPLIT}")
-    parts = load_split(run_dir / SPLIT, packed.entry_id, packed.names)
-    idx = parts[split]
-    if len(idx) == 0:
-        raise UsageError(f"the {split} split of {run_dir} has no crystals in this cache")
+    overlap = None
+    if split == "all":  # a held-out cache: every crystal of it, whatever the run's split.json says
+        idx = np.arange(len(packed.names), dtype=np.int64)
+        parts, overlap = None, split_overlap(run_dir, train_cfg.cache, packed, cache or train_cfg.cache)
+        if len(idx) == 0:
+            raise UsageError(f"the cache {cache or train_cfg.cache} holds no crystals")
+    else:
+        if not (run_dir / SPLIT).is_file():
+            raise UsageError(f"{run_dir}: no {SPLIT}")
+        parts = load_split(run_dir / SPLIT, packed.entry_id, packed.names)
+        idx = parts[split]
+        if len(idx) == 0:
+            raise UsageError(f"the {split} split of {run_dir} has no crystals in this cache"
+                             + ("; for a held-out cache use --split all" if split == "test" else ""))
     res = ens.predict(packed, idx, batch_size or train_cfg.eval_batch_size or train_cfg.batch_size, dev,
                       train_cfg.backend)
     pred, prob, std = res.mean, res.prob, res.std
@@ -239,6 +308,15 @@ def evaluate_run(run_dir, cache: str | None = None, split: str = "test", out: st
 
     synthetic = cache_record(cache or train_cfg.cache)["synthetic"]
     metrics.update(split=split, n=int(len(idx)), run=str(run_dir), synthetic_labels=synthetic)
+    if split == "all":
+        metrics["cache"] = str(cache or train_cfg.cache)
+        metrics["in_run_split"] = overlap
+        if overlap is None:
+            log.warning("the cache %s of %s is gone, so it cannot be told whether training crystals are in "
+                        "this one", train_cfg.cache, run_dir)
+        elif overlap["train"] or overlap["val"]:
+            log.warning("%d train and %d val crystals of %s are in this cache: the figures are not held-out "
+                        "for them", overlap["train"], overlap["val"], run_dir)
     if synthetic:
         metrics["labels_note"] = "SYNTHETIC labels (cgnn db synth): these figures show the pipeline works, not physics"
     if std is not None:
@@ -249,8 +327,11 @@ def evaluate_run(run_dir, cache: str | None = None, split: str = "test", out: st
                 if ens.std_model.local_weight is not None:  # train.local_error_uncertainty
                     metrics["uncertainty"][name]["local_error_weight"] = float(ens.std_model.local_weight[k])
         metrics["members"] = len(ens)
-    add_mean_baseline(metrics, mcfg.targets, packed.y[parts["train"]][:, cols], packed.y_mask[parts["train"]][:, cols],
-                      true, mask)
+    if parts is not None:
+        add_mean_baseline(metrics, mcfg.targets, packed.y[parts["train"]][:, cols],
+                          packed.y_mask[parts["train"]][:, cols], true, mask)
+    else:  # the training split is not in a held-out cache: its mean is the standardisation's
+        add_mean_baseline(metrics, mcfg.targets, *training_means(ens, tasks), true, mask)
 
     out_dir = Path(out) if out else run_dir
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -314,6 +395,10 @@ def print_metrics(metrics: dict) -> None:
     rows = [(name, m["n"], num(m["mae"]), num(m["rmse"]), num(m.get("mean_predictor_mae")), m["unit"])
             for name, m in metrics["regression"].items()]
     labels = ", SYNTHETIC labels" if metrics.get("synthetic_labels") else ""
+    if metrics.get("in_run_split"):
+        o = metrics["in_run_split"]
+        print(f"all of {metrics['cache']}: {o['train']} / {o['val']} / {o['test']} of its crystals are in the "
+              "run's train / val / test split")
     print_table(f"{metrics['split']} split ({metrics['n']} crystals{labels})", rows,
                 header=["target", "n", "MAE", "RMSE", "mean-predictor MAE", "unit"])
     if metrics["classification"]:
@@ -344,8 +429,9 @@ def register(sub) -> None:
                                    "<split>_predictions.csv, metrics.json, parity plots and training curves.")
     p.add_argument("--run", required=True, metavar="RUNDIR", help="a `cgnn train` run folder (holds best.pt)")
     p.add_argument("--cache", metavar="DIR", help="graph cache (default: the run's train.cache)")
-    p.add_argument("--split", default="test", choices=["test", "val", "train"],
-                   help="which part of the run's split.json (default: %(default)s)")
+    p.add_argument("--split", default="test", choices=list(SPLITS),
+                   help="which part of the run's split.json, or all: every crystal of --cache (a held-out "
+                        "set, e.g. from `cgnn graphs`); default: %(default)s")
     p.add_argument("--out", metavar="DIR", help="output folder (default: RUNDIR)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="default: %(default)s")
     p.add_argument("--batch-size", type=int, default=None, help="default: the run's train.batch_size")

@@ -129,3 +129,58 @@ def test_evaluate_flags_synthetic_labels(tmp_path):
     cgnn("examples", "--out", str(tmp_path / "cif"), "--limit", "2")
     p = cgnn("predict", "--model", str(tmp_path / "r" / "best.pt"), str(tmp_path / "cif"), "--out", str(tmp_path / "p.csv"))
     assert "SYNTHETIC labels" in p.stderr and json.loads((tmp_path / "p.json").read_text())["synthetic"] is True
+
+
+def test_evaluate_split_all_scores_a_held_out_cache(tmp_path, dev_corpus):
+    """`cgnn evaluate --split all --cache HELD`: every crystal of a cache the run never split, its metrics
+    from the predictions CSV, the mean predictor from the run's training labels, and a count of the
+    crystals the run's split names (by name: `cgnn graphs` caches number their inputs 0, 1, ... alike)."""
+    import csv
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from test_train import tiny_config, usable_rows, write_cache
+
+    from cgnn_dgl.evaluate import evaluate_run
+    from cgnn_dgl.split import load_split
+    from cgnn_dgl.train import load_cache, train_run
+
+    repo = Path(__file__).resolve().parents[1]
+    rows = [dict(r, name=f"{r['source']}-{r['name']}-{i}") for i, r in enumerate(usable_rows(dev_corpus, 300))]
+    assert len(rows) == 300
+    cache = write_cache(tmp_path / "cache", rows[:240], seed=2, kind="files")
+    train_run(tiny_config(cache, tmp_path / "run", epochs=2), tmp_path / "run")
+    held = write_cache(tmp_path / "held", rows[240:], seed=5, kind="files")  # keys 0..59, other crystals
+
+    r = subprocess.run([sys.executable, "-m", "cgnn_dgl.cli", "evaluate", "--run", str(tmp_path / "run"), "--cache",
+                        str(held), "--split", "all", "--out", str(tmp_path / "ev"), "--no-plots"],
+                       capture_output=True, text=True, cwd=repo, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "0 / 0 / 0 of its crystals are in the run's train / val / test split" in r.stdout
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert m["split"] == "all" and m["n"] == 60 and m["in_run_split"] == {"train": 0, "val": 0, "test": 0}
+    with open(tmp_path / "ev" / "all_predictions.csv") as fh:
+        pred = list(csv.DictReader(fh))
+    assert [p["name"] for p in pred] == [r["name"] for r in rows[240:]]
+    own, ho = load_cache(str(cache)), load_cache(str(held))
+    train = load_split(tmp_path / "run" / "split.json", own.entry_id, own.names)["train"]
+    for k, t in enumerate(("formation_energy", "volume_per_atom", "band_gap")):
+        lab = [p for p in pred if p[f"{t}_true"] != ""]
+        assert len(lab) == m["regression"][t]["n"] > 0
+        mae = np.mean([abs(float(p[f"{t}_pred"]) - float(p[f"{t}_true"])) for p in lab])
+        assert m["regression"][t]["mae"] == pytest.approx(mae, rel=1e-6)
+        tm = own.y_mask[train, k].astype(bool)
+        train_mean = own.y[train][tm, k].mean()
+        hm = ho.y_mask[:, k].astype(bool)
+        assert m["regression"][t]["mean_predictor_mae"] == pytest.approx(
+            np.abs(ho.y[hm, k] - train_mean).mean(), rel=1e-5)
+
+    # a "held-out" cache that holds 40 of the run's crystals: counted per part by name, with a warning
+    mixed = write_cache(tmp_path / "mixed", rows[200:260], seed=7, kind="files")
+    m2 = evaluate_run(tmp_path / "run", cache=str(mixed), split="all", out=str(tmp_path / "ev2"), plots=False)
+    parts = load_split(tmp_path / "run" / "split.json", own.entry_id, own.names)
+    shared = {r["name"] for r in rows[200:240]}
+    expect = {p: sum(str(own.names[i]) in shared for i in parts[p]) for p in ("train", "val", "test")}
+    assert sum(expect.values()) == 40 and m2["in_run_split"] == expect and m2["n"] == 60

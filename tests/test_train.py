@@ -39,13 +39,15 @@ def synthetic_targets(numbers: np.ndarray, lattice: np.ndarray, rng) -> tuple[np
     return y, mask
 
 
-def write_cache(path: Path, rows: list[dict], seed: int = 0, labelled: bool = True, unlabelled=()) -> Path:
+def write_cache(path: Path, rows: list[dict], seed: int = 0, labelled: bool = True, unlabelled=(),
+                kind: str = "test") -> Path:
     """A real on-disk cache (CacheWriter) from reference neighbour lists, with synthetic targets (none
-    for the target columns ``unlabelled``, e.g. (3,): no magnetization labels)."""
+    for the target columns ``unlabelled``, e.g. (3,): no magnetization labels); ``kind`` is the manifest's
+    source kind (``files`` as `cgnn graphs` writes it)."""
     from cgnn_dgl.cache import Built, CacheWriter, ShardStream
 
     rng = np.random.default_rng(seed)
-    writer = CacheWriter(path, source={"kind": "test", "n": len(rows), "seed": seed},
+    writer = CacheWriter(path, source={"kind": kind, "n": len(rows), "seed": seed},
                          params={"radius_factor": 1.2, "cc_cutoff": 0.03, "max_rounds": 10}, shard_size=64)
     stream = ShardStream(writer)
     for key, row in enumerate(rows):
