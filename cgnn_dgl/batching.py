@@ -60,6 +60,9 @@ class PackedGraphs:
     # (B,) float32 distance / cutoff per bond (model.geometry's input); None when the graphs came
     # without it (caches written before it existed, reference neighbour lists)
     bond_ratio: np.ndarray | None = None
+    # True when ``entry_id`` is only the input order (a `cgnn graphs` cache): a split is then keyed by name,
+    # so that it still maps onto a cache rebuilt from reordered inputs
+    positional_keys: bool = False
 
     def __post_init__(self) -> None:
         self.targets = tuple(self.targets)

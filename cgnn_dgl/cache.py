@@ -517,7 +517,9 @@ def load_packed(root, *, verify: bool = True, progress: bool = False) -> PackedG
         parts.append(PackedGraphs.from_arrays(a["numbers"], a["n_atoms"], a["n_bonds"], a["bond_src"], a["bond_dst"],
                                               a["y"], a["y_mask"], a["entry_id"], names, targets, units,
                                               a.get("bond_ratio")))
-    return PackedGraphs.concatenate(parts, targets, units)
+    packed = PackedGraphs.concatenate(parts, targets, units)
+    packed.positional_keys = (manifest.get("source") or {}).get("kind") == "files"
+    return packed
 
 
 def merge_caches(inputs: Sequence, out) -> dict:

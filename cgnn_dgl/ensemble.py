@@ -583,7 +583,7 @@ def train_ensemble(cfg, run_dir, resume: bool = False) -> dict:
     split_path = run_dir / SPLIT
     if not split_path.is_file():  # one split for every member, fixed before the first one trains
         split = make_split(packed, cfg.train)
-        save_split(split_path, split, packed.entry_id, packed.names, method=split_method(cfg.train),
+        save_split(split_path, split, packed.entry_id, packed.names, packed.positional_keys, method=split_method(cfg.train),
                    seed=cfg.train.split_seed, source=str(cfg.train.split_file or f"{split_method(cfg.train)}_split"))
     workers = max(1, min(int(cfg.train.workers), n))
     jobs = []

@@ -16,7 +16,9 @@ Reference semantics (``OQMD/oqmd.py data``, docs/cgnn-reference.md §2.2):
 ``id,split``; ids are the cache's names (the id column, file stem or row id) or its entry ids.
 
 Index arrays are returned in row order. On disk the split is keyed by entry id (or by name when entry ids
-are missing or repeated) so it survives a rebuilt or reordered cache.
+are missing or repeated) so it survives a rebuilt or reordered cache. A `cgnn graphs` cache's entry ids
+only number its inputs, so its split is keyed by name (when the names are unique): a cache rebuilt from
+the same structures in another order keeps every crystal in its part.
 """
 from __future__ import annotations
 
@@ -67,20 +69,26 @@ def formula_split(
     return {part: np.flatnonzero(which == part).astype(np.int64) for part in PARTS}
 
 
-def split_keys(entry_ids: np.ndarray, names: Sequence[str]) -> tuple[str, list]:
-    """The key a split file uses: entry ids when they are all set and unique, else names."""
+def split_keys(entry_ids: np.ndarray, names: Sequence[str], prefer_names: bool = False) -> tuple[str, list]:
+    """The key a split file uses: entry ids when they are all set and unique, else names. With
+    ``prefer_names`` (entry ids that only number the inputs, as in a `cgnn graphs` cache) names come
+    first when they are unique, and entry ids are the fallback."""
     ids = np.asarray(entry_ids, dtype=np.int64).reshape(-1)
+    names = [str(n) for n in names]
+    unique_names = len(set(names)) == len(names)
+    if prefer_names and unique_names and names:
+        return "name", names
     if len(ids) and (ids >= 0).all() and len(np.unique(ids)) == len(ids):
         return "entry_id", [int(i) for i in ids]
-    names = [str(n) for n in names]
-    if len(set(names)) != len(names):
+    if not unique_names:
         raise UsageError("cannot key the split: entry ids are missing or repeated and names repeat too")
     return "name", names
 
 
-def save_split(path: str | os.PathLike, split: dict[str, np.ndarray], entry_ids, names, **meta) -> None:
-    """Write ``split.json`` atomically, keyed by entry id (or name)."""
-    key, keys = split_keys(entry_ids, names)
+def save_split(path: str | os.PathLike, split: dict[str, np.ndarray], entry_ids, names, prefer_names: bool = False,
+               **meta) -> None:
+    """Write ``split.json`` atomically, keyed by entry id (or name; see :func:`split_keys`)."""
+    key, keys = split_keys(entry_ids, names, prefer_names)
     doc = {"version": SPLIT_VERSION, "key": key, **meta}
     for part in PARTS:
         doc[part] = [keys[int(i)] for i in split.get(part, [])]

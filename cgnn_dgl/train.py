@@ -603,7 +603,7 @@ def prepare_run(cfg: RunConfig, run_dir: Path, resume: bool, dist: Dist):
     else:
         split = make_split(packed, cfg.train)
         if dist.main:
-            save_split(split_path, split, packed.entry_id, packed.names, method=split_method(cfg.train),
+            save_split(split_path, split, packed.entry_id, packed.names, packed.positional_keys, method=split_method(cfg.train),
                        seed=cfg.train.split_seed, source=str(cfg.train.split_file or f"{split_method(cfg.train)}_split"))
     return packed, split, state
 

@@ -97,6 +97,20 @@ def test_keys_by_name_when_ids_repeat(tmp_path):
     assert got["train"].tolist() == [0, 1] and got["val"].tolist() == [2]
 
 
+def test_positional_ids_key_by_name_and_fall_back_to_ids(tmp_path):
+    """Input-order entry ids (a `cgnn graphs` cache): the split is keyed by name, so a cache rebuilt from the
+    same inputs in another order (ids 0, 1, ... again) keeps each crystal in its part; repeated names fall
+    back to the ids."""
+    s = {"train": np.array([0, 2]), "val": np.array([1]), "test": np.array([3])}
+    names = ["a", "b", "c", "d"]
+    save_split(tmp_path / "s.json", s, [0, 1, 2, 3], names, prefer_names=True)
+    assert json.loads((tmp_path / "s.json").read_text())["key"] == "name"
+    got = load_split(tmp_path / "s.json", [0, 1, 2, 3], ["d", "c", "b", "a"])  # rebuilt, reversed
+    assert got["train"].tolist() == [1, 3] and got["val"].tolist() == [2] and got["test"].tolist() == [0]
+    save_split(tmp_path / "t.json", s, [0, 1, 2, 3], ["a", "a", "c", "d"], prefer_names=True)
+    assert json.loads((tmp_path / "t.json").read_text())["key"] == "entry_id"
+
+
 def test_bad_split_file(tmp_path):
     with pytest.raises(UsageError):
         load_split(tmp_path / "missing.json", [1], ["a"])
@@ -173,3 +187,28 @@ def test_train_split_options_choose_the_split(tmp_path):
         TrainConfig(split="file").validate()
     with pytest.raises(UsageError, match="is not one of formula, random, file"):
         TrainConfig(split="kfold").validate()
+
+
+def test_graphs_cache_split_survives_a_reordered_rebuild(tmp_path, dev_corpus):
+    """A run on a `cgnn graphs` cache (entry ids = input order) keys its split by name: evaluated on the
+    same crystals rebuilt in reverse order, every part holds the same crystals (by entry id, the reversed
+    cache would have put other crystals in the test split)."""
+    import json
+
+    from test_train import tiny_config, usable_rows, write_cache
+
+    from cgnn_dgl.split import load_split
+    from cgnn_dgl.train import load_cache, train_run
+
+    rows = [dict(r, name=f"{r['source']}-{r['name']}-{i}") for i, r in enumerate(usable_rows(dev_corpus, 120))]
+    cache = write_cache(tmp_path / "cache", rows, seed=2, kind="files")
+    train_run(tiny_config(cache, tmp_path / "run", epochs=1), tmp_path / "run")
+    doc = json.loads((tmp_path / "run" / "split.json").read_text())
+    assert doc["key"] == "name"
+    rebuilt = load_cache(str(write_cache(tmp_path / "rev", rows[::-1], seed=2, kind="files")))
+    got = load_split(tmp_path / "run" / "split.json", rebuilt.entry_id, rebuilt.names)
+    for part in ("train", "val", "test"):
+        assert sorted(rebuilt.names[i] for i in got[part]) == sorted(doc[part])
+    db_like = write_cache(tmp_path / "db", rows, seed=2)  # a database cache: real entry ids stay the key
+    train_run(tiny_config(db_like, tmp_path / "run2", epochs=1), tmp_path / "run2")
+    assert json.loads((tmp_path / "run2" / "split.json").read_text())["key"] == "entry_id"
