@@ -342,6 +342,15 @@ def merge(dirs, out: Path) -> list[dict]:
     return ordered
 
 
+def formula_subset(formulas, train_idx: np.ndarray, fraction: float) -> np.ndarray:
+    """The rows of ``train_idx`` whose formula is among a seeded ``fraction`` of its distinct formulas (a
+    learning-curve point: no formula is split, val and test stay as they are)."""
+    distinct = sorted({formulas[i] for i in train_idx})
+    rng = np.random.default_rng(SPLIT_SEED)
+    keep = set(rng.permutation(distinct)[:round(fraction * len(distinct))].tolist())
+    return np.asarray([i for i in train_idx if formulas[i] in keep], dtype=np.int64)
+
+
 def main(argv=None) -> int:
     import torch
     import yaml
@@ -366,8 +375,13 @@ def main(argv=None) -> int:
                     help="train nothing: print one table of the rows in these output folders")
     ap.add_argument("--train-member", type=int, action="append", default=None, metavar="K",
                     help="only train member K of the rows (repeatable; no scoring): splits an ensemble over calls")
+    ap.add_argument("--train-fraction", type=float, default=1.0, metavar="F",
+                    help="learning curve: train on this fraction of the training split's formulas (val and test "
+                         "unchanged; use its own --out)")
     ap.add_argument("--progress", action="store_true", help="progress bars")
     args = ap.parse_args(argv)
+    if not 0 < args.train_fraction <= 1:
+        ap.error(f"--train-fraction must be in (0, 1], got {args.train_fraction}")
     args.command = "python bench/learn_perov5.py " + " ".join(sys.argv[1:] if argv is None else argv)
     if args.merge:
         merge(args.merge, Path(args.out))
@@ -391,6 +405,10 @@ def main(argv=None) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         split = formula_split(packed.formulas(), packed.n_elements(), seed=SPLIT_SEED)
+    if args.train_fraction < 1:
+        split = dict(split, train=formula_subset(packed.formulas(), split["train"], args.train_fraction))
+        print(f"training on {len(split['train'])} crystals, {args.train_fraction:g} of the training split's formulas",
+              flush=True)
     for row in rows:
         run_row(packed, split, row, args, base)
     if not args.train_member:

@@ -9,18 +9,24 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def bench():
+def _load_bench():
     sys.path.insert(0, str(REPO / "bench"))
     try:
         import learn_perov5
     finally:
         sys.path.pop(0)
     return learn_perov5
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return _load_bench()
 
 
 def test_rows_one_at_a_time_then_merge(bench, shared, tmp_path):
@@ -74,3 +80,20 @@ def test_rows_one_at_a_time_then_merge(bench, shared, tmp_path):
 
     with pytest.raises(SystemExit, match="another config"):
         bench.main([*small, "--rows", "accurate", "--out", str(a), "--set", "train.lr=0.01"])
+
+
+@given(st.lists(st.sampled_from(["A", "B", "C", "D", "E", "F", "G"]), min_size=1, max_size=40),
+       st.floats(0.05, 1.0))
+@settings(max_examples=60, deadline=None)
+def test_formula_subset_keeps_whole_formulas(formulas, fraction):
+    """--train-fraction: a subset of the training rows made of whole formulas, round(fraction * distinct) of
+    them, and every row of a kept formula."""
+    import numpy as np
+
+    subset = _load_bench().formula_subset
+    train = np.arange(len(formulas))[::2]  # the training split: every other row
+    got = subset(formulas, train, fraction)
+    assert set(got.tolist()) <= set(train.tolist())
+    kept = {formulas[i] for i in got}
+    assert len(kept) == round(fraction * len({formulas[i] for i in train}))
+    assert sorted(got.tolist()) == [i for i in train.tolist() if formulas[i] in kept]
