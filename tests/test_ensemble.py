@@ -313,6 +313,29 @@ def test_evaluate_ensemble_reports_uncertainty(ensemble_run, tmp_path):
     assert "cover 95%" in r.stdout
 
 
+def test_evaluate_ensemble_split_all_agrees_with_its_parts(ensemble_run, tmp_path):
+    """--split all on the run's own cache: every crystal, the run's parts counted (warned: not held out),
+    and each val crystal's mean and std the same as --split val gives."""
+    root, rows, _, _ = ensemble_run
+    run = root / "run"
+    r = _cli("evaluate", "--run", str(run), "--out", str(tmp_path / "all"), "--split", "all", "--no-plots")
+    assert r.returncode == 0, r.stderr
+    assert "not held-out" in r.stderr
+    metrics = json.loads((tmp_path / "all" / "metrics.json").read_text())
+    split = json.loads((run / "split.json").read_text())
+    assert metrics["n"] == len(rows) and metrics["in_run_split"] == {p: len(split[p]) for p in ("train", "val", "test")}
+    assert set(metrics["uncertainty"]) == set(TARGETS4)
+    assert _cli("evaluate", "--run", str(run), "--out", str(tmp_path / "val"), "--split", "val",
+                "--no-plots").returncode == 0
+    every = {row["name"]: row for row in _read(tmp_path / "all" / "all_predictions.csv")}
+    val = _read(tmp_path / "val" / "val_predictions.csv")
+    assert len(val) == len(split["val"]) > 0
+    for row in val:
+        for t in TARGETS4:
+            for c in (f"{t}_pred", f"{t}_std"):
+                assert float(every[row["name"]][c]) == pytest.approx(float(row[c]), rel=1e-5, abs=1e-7)
+
+
 def test_single_model_through_the_ensemble_interface(ensemble_run):
     from cgnn_dgl.batching import PackedGraphs  # noqa: F401  (load_packed returns it)
     from cgnn_dgl.cache import load_packed
