@@ -425,8 +425,10 @@ def _cmd_evaluate(args) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser("evaluate", help="metrics, predictions CSV and plots of a trained run",
-                       description="Evaluate RUN/best.pt on one split of the run's split.json: writes "
-                                   "<split>_predictions.csv, metrics.json, parity plots and training curves.")
+                       description="Evaluate a run (RUN/best.pt, or the ensemble of RUN/ensemble.json) on one "
+                                   "split of the run's split.json, or on every crystal of a held-out --cache "
+                                   "(--split all): writes <split>_predictions.csv, metrics.json, parity plots "
+                                   "and training curves (and calibration.png for an ensemble).")
     p.add_argument("--run", required=True, metavar="RUNDIR", help="a `cgnn train` run folder (holds best.pt)")
     p.add_argument("--cache", metavar="DIR", help="graph cache (default: the run's train.cache)")
     p.add_argument("--split", default="test", choices=list(SPLITS),
