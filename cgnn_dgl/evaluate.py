@@ -291,6 +291,10 @@ def evaluate_run(run_dir, cache: str | None = None, split: str = "test", out: st
             raise UsageError(f"{run_dir}: no {SPLIT}")
         parts = load_split(run_dir / SPLIT, packed.entry_id, packed.names)
         idx = parts[split]
+        if len(idx) == 0 and split == "test" and not json.loads((run_dir / SPLIT).read_text())["test"]:
+            raise UsageError(f"{run_dir} holds out no test crystals (train.test_fraction 0, as configs/accurate.yaml "
+                             "sets it, to train on the rest): score it on held-out data with --cache DIR --split "
+                             "all, or on --split val (optimistic: the model and its std were chosen on val)")
         if len(idx) == 0:
             raise UsageError(f"the {split} split of {run_dir} has no crystals in this cache"
                              + ("; for a held-out cache use --split all" if split == "test" else ""))

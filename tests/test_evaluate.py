@@ -177,6 +177,13 @@ def test_evaluate_split_all_scores_a_held_out_cache(tmp_path, dev_corpus):
         assert m["regression"][t]["mean_predictor_mae"] == pytest.approx(
             np.abs(ho.y[hm, k] - train_mean).mean(), rel=1e-5)
 
+    # a run that holds out no test crystals (configs/accurate.yaml): --split test says what to do instead
+    train_run(tiny_config(cache, tmp_path / "notest", epochs=1, test_fraction=0.0), tmp_path / "notest")
+    r = subprocess.run([sys.executable, "-m", "cgnn_dgl.cli", "evaluate", "--run", str(tmp_path / "notest"),
+                        "--no-plots"], capture_output=True, text=True, cwd=repo, timeout=300)
+    assert r.returncode == 2 and "holds out no test crystals" in r.stderr and "--split all" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
     # a "held-out" cache that holds 40 of the run's crystals: counted per part by name, with a warning
     mixed = write_cache(tmp_path / "mixed", rows[200:260], seed=7, kind="files")
     m2 = evaluate_run(tmp_path / "run", cache=str(mixed), split="all", out=str(tmp_path / "ev2"), plots=False)
