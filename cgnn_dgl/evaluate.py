@@ -12,9 +12,8 @@ Writes into ``--out`` (default: the run folder)::
 ``--split all`` scores every crystal of ``--cache`` instead of a part of the run's ``split.json``: a
 held-out set built with ``cgnn graphs`` or ``cgnn ingest``. metrics.json then names the cache and counts
 (``in_run_split``) its crystals that the run's split names (by entry id between database caches, else by
-name), so that training crystals
-in a "held-out" set are seen (a warning for train or val ones); the mean predictor is the training split's
-mean as the model's standardisation stored it.
+name), so that training crystals in a "held-out" set are seen (a warning for train or val ones); the mean
+predictor is the training split's mean as the model's standardisation stored it.
 
 For an ensemble run folder (``ensemble.json``, :mod:`cgnn_dgl.ensemble`) predictions are the members'
 mean, the CSV gains ``<target>_std`` (calibrated std, the target's unit), metrics.json gains per target
@@ -117,7 +116,7 @@ def compute_metrics(targets, pred, true, mask, train_cfg, prob=None, tasks=None)
     return tasks.metrics(pred, true, mask, prob)
 
 
-def split_overlap(run_dir: Path, run_cache: str | None, packed, cache: str) -> dict[str, int] | None:
+def split_overlap(run_dir: Path, run_cache: str | None, packed) -> dict[str, int] | None:
     """How many crystals of a (held-out) cache the run's ``split.json`` names per part: ``--split all``
     reports it so that training crystals in a "held-out" set are seen. Entry ids are compared only between
     two database caches (a ``cgnn graphs`` cache numbers its inputs 0, 1, ...); otherwise names are, through
@@ -130,8 +129,8 @@ def split_overlap(run_dir: Path, run_cache: str | None, packed, cache: str) -> d
     if not path.is_file():
         return None
     key = json.loads(path.read_text()).get("key", "name")
-    by_id = cache_record(cache)["cache"]["source"] != "files" and (
-        run_cache is not None and cache_record(run_cache)["cache"]["source"] != "files")
+    by_id = (not packed.positional_keys and run_cache is not None
+             and cache_record(run_cache)["cache"]["source"] != "files")
     if key == "name" or by_id:
         return _quiet_overlap(path, packed.entry_id, packed.names)
     if run_cache is None or not Path(run_cache).is_dir():
@@ -283,7 +282,7 @@ def evaluate_run(run_dir, cache: str | None = None, split: str = "test", out: st
     overlap = None
     if split == "all":  # a held-out cache: every crystal of it, whatever the run's split.json says
         idx = np.arange(len(packed.names), dtype=np.int64)
-        parts, overlap = None, split_overlap(run_dir, train_cfg.cache, packed, cache or train_cfg.cache)
+        parts, overlap = None, split_overlap(run_dir, train_cfg.cache, packed)
         if len(idx) == 0:
             raise UsageError(f"the cache {cache or train_cfg.cache} holds no crystals")
     else:
