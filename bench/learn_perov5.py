@@ -404,9 +404,10 @@ def main(argv=None) -> int:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        split = formula_split(packed.formulas(), packed.n_elements(), seed=SPLIT_SEED)
+        formulas = packed.formulas()
+    split = formula_split(formulas, packed.n_elements(), seed=SPLIT_SEED)
     if args.train_fraction < 1:
-        split = dict(split, train=formula_subset(packed.formulas(), split["train"], args.train_fraction))
+        split = dict(split, train=formula_subset(formulas, split["train"], args.train_fraction))
         print(f"training on {len(split['train'])} crystals, {args.train_fraction:g} of the training split's formulas",
               flush=True)
     for row in rows:
