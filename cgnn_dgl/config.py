@@ -401,6 +401,9 @@ class TrainConfig:
     loss: str = "mse"  # mse (the reference) | l1 | huber, on standardised targets
     target_loss: dict[str, str] = field(default_factory=dict)  # per-target override, e.g. {band_gap: l1}
     classification_weight: float = 1.0  # weight of the BCE loss of optional classification heads
+    # Weight each head's positive class by n_negative / n_positive of the training split (BCE pos_weight), so
+    # that a rare class (insulators are 4% of Perov-5) pulls on the head as much as the common one
+    classification_balance: bool = False
     # model.binary_targets derived from a regression target by a rule, e.g. {stable: "e_hull < 0.05"}; the
     # others read their own column of 0/1 labels (cgnn_dgl/tasks.py)
     binary_from: dict[str, str] = field(default_factory=dict)

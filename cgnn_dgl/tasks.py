@@ -286,11 +286,23 @@ class TaskSet:
                 if len(bad):
                     raise UsageError(f"binary target {t.name}: labels must be 0 or 1; found {bad[0]:g}")
 
-    def binary_loss(self, logits, labels, lmask, head_w):
-        """The weighted BCE of the heads (mean over labelled rows per head)."""
+    def positive_weights(self, y_train: np.ndarray, m_train: np.ndarray):
+        """Per head, n_negative / n_positive over the labelled training rows (1 where a class is absent): the
+        BCE ``pos_weight`` that gives both classes the same total weight."""
         import torch
 
-        bce = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), labels, reduction="none")
+        labels, lmask = self.binary_labels(torch.as_tensor(y_train), torch.as_tensor(m_train))
+        pos = (labels * lmask).sum(0)
+        neg = ((1 - labels) * lmask).sum(0)
+        return torch.where((pos > 0) & (neg > 0), neg / pos.clamp(min=1.0), torch.ones_like(pos))
+
+    def binary_loss(self, logits, labels, lmask, head_w, pos_weight=None):
+        """The weighted BCE of the heads (mean over labelled rows per head); ``pos_weight`` (one per head)
+        multiplies the loss of the positive rows."""
+        import torch
+
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), labels, reduction="none",
+                                                                   pos_weight=pos_weight)
         lm = lmask.float()
         per_c = (bce * lm).sum(0) / lm.sum(0).clamp(min=1.0)
         weights = [t.weight for t in self.heads]

@@ -290,8 +290,13 @@ class Trainer:
         self.reg_loss = self.tasks.regression_loss(self.device)
         self.has_cls = bool(self.tasks.heads)
         self.cls_w = torch.ones(len(self.tasks.heads), device=self.device)
+        self.cls_pos = None
         if self.has_cls:
             self.cls_w = self.tasks.head_weights(y_tr, m_tr).to(self.device)
+            if self.t.classification_balance:
+                self.cls_pos = self.tasks.positive_weights(y_tr, m_tr).to(self.device)
+                log.info("classification_balance: positive-class weights %s",
+                         dict(zip(self.tasks.class_names, [round(w, 2) for w in self.cls_pos.tolist()])))
         # which outputs learnt anything: predictions and screens flag the others (e.g. magnetization
         # and p_magnetic of a model trained on data without magnetic labels)
         self.record["tasks"]["training_labels"] = {n: int(m_tr[:, k].sum()) for k, n in enumerate(self.model_targets)}
@@ -415,7 +420,7 @@ class Trainer:
                     loss, sq = self.reg_loss(reg, ys, maskf, cnt, self.loss_w)
                     if self.has_cls and logits is not None:
                         labels, lmask = self.tasks.binary_labels(y_all, mask_all)
-                        loss = loss + self.tasks.binary_loss(logits, labels, lmask, self.cls_w)
+                        loss = loss + self.tasks.binary_loss(logits, labels, lmask, self.cls_w, self.cls_pos)
                     if train:
                         self.opt.zero_grad(set_to_none=True)
                         loss.backward()

@@ -100,6 +100,29 @@ def test_binary_loss_is_the_weighted_masked_bce():
     assert float(got) == pytest.approx(0.5 * (p + q), rel=1e-6)
 
 
+def test_balanced_bce_weights_the_rare_class_by_the_class_ratio():
+    """train.classification_balance: pos_weight = n_negative / n_positive per head, counted over labelled
+    rows only (1 for a head with one class); the positive rows' BCE is multiplied by it."""
+    tasks = TaskSet.from_configs(ModelConfig(targets=("a",), binary_targets=("p", "q")))
+    y = np.array([[0.0, 1, 1], [0.0, 0, 1], [0.0, 0, 1], [0.0, 0, 1], [0.0, 1, 1]])
+    m = np.ones_like(y, dtype=bool)
+    m[4, 1] = False  # p: 1 positive, 3 negatives labelled; q: all positive
+    w = tasks.positive_weights(y, m)
+    assert w.tolist() == [3.0, 1.0]
+    logits = torch.tensor([[0.3, -1.0], [2.0, 0.1], [-0.5, 0.7]])
+    labels = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    lmask = torch.tensor([[True, False], [True, True], [False, True]])
+    got = tasks.binary_loss(logits, labels, lmask, torch.tensor([1.0, 1.0]), torch.tensor([3.0, 2.0]))
+
+    def bce(x, y, pw):
+        s = 1 / (1 + math.exp(-x))
+        return -(pw * y * math.log(s) + (1 - y) * math.log(1 - s))
+
+    p = (bce(0.3, 1, 3.0) + bce(2.0, 0, 3.0)) / 2
+    q = (bce(0.1, 1, 2.0) + bce(0.7, 1, 2.0)) / 2
+    assert float(got) == pytest.approx(p + q, rel=1e-6)
+
+
 def test_columns_name_what_the_cache_holds():
     tasks = TaskSet.from_configs(ModelConfig(targets=("heat_all", "bulk")))
     assert tasks.columns(("dir_gap", "heat_all", "bulk")) == [1, 2]

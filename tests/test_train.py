@@ -433,6 +433,15 @@ def test_detached_classification_heads_leave_the_regression_untouched(cache, tmp
     hidden = run("hidden", classification_heads=True, classification_detach=True, classification_hidden=8)
     assert hidden["classification.hidden.weight"].shape[0] == 8
     assert same_weights(plain, {k: v for k, v in hidden.items() if not k.startswith("classification.")})
+    # train.classification_balance reweights the head's loss only: the regression stays bit-identical
+    cfg = tiny_config(cache, tmp_path / "balanced")
+    cfg = RunConfig.from_dict({"model": {**cfg.model.to_dict(), "classification_heads": True,
+                                         "classification_detach": True},
+                               "train": {**cfg.train.to_dict(), "classification_balance": True}})
+    train_run(cfg, tmp_path / "balanced")
+    balanced = weights(tmp_path / "balanced" / "last.pt")
+    assert same_weights(plain, {k: v for k, v in balanced.items() if not k.startswith("classification.")})
+    assert not torch.equal(detached["classification.linear.weight"], balanced["classification.linear.weight"])
     with pytest.raises(UsageError, match="classification_hidden"):
         RunConfig.from_dict({"model": {**TINY_MODEL, "classification_hidden": 8}, "train": {}})
     with pytest.raises(UsageError, match="classification_detach"):
