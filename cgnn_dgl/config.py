@@ -162,6 +162,8 @@ def dataclass_to_dict(obj) -> dict[str, Any]:
 # ModelConfig
 # ---------------------------------------------------------------------------------------------------
 
+VALENCE_MODES = ("none", "classification", "all")  # model.valence_features
+
 _ACTIVATION_RE = re.compile(r"^(softplus|ssp|relu|selu|elu|celu)(\((\d+\.\d+)\))?$")
 
 
@@ -242,6 +244,17 @@ class ModelConfig:
     # element properties (Z, row, group, electronegativity, radius, ...) enter the node embedding
     # beside the one-hot. See cgnn_dgl.model.species.species_descriptors.
     species_descriptors: bool = False
+    # Optional valence flags of the composition (not in the reference; off in every preset): whether the
+    # crystal can be charge-balanced with common oxidation states, and with every ion in a closed shell
+    # (cgnn_dgl.model.valence). "classification": extra inputs of the classification heads only (the
+    # regression stays bit-identical); "all": of the regression layer too; "none": no module, no buffer.
+    valence_features: str = "none"
+    # Hurdle predictions for zero-inflated targets (not in the reference; none in any preset): for each
+    # target named here (band_gap with the insulator head, magnetization with the magnetic head) a second
+    # output, trained on the positive crystals only (insulators), gives the prediction where the head says
+    # positive (p > 0.5); elsewhere the plain regression output stands. It reads what the classification
+    # heads read. See cgnn_dgl.tasks.hurdle_pairs.
+    hurdle_targets: tuple[str, ...] = ()
 
     PRESETS: typing.ClassVar[dict[str, dict[str, Any]]] = {}
 
@@ -250,6 +263,8 @@ class ModelConfig:
             self.targets = tuple(self.targets)
         if isinstance(self.binary_targets, list):
             self.binary_targets = tuple(self.binary_targets)
+        if isinstance(self.hurdle_targets, list):
+            self.hurdle_targets = tuple(self.hurdle_targets)
         # "None" spelled as a string (YAML / --set) means no activation.
         for key in ("node_activation", "edge_activation"):
             v = getattr(self, key)
@@ -273,6 +288,25 @@ class ModelConfig:
             raise UsageError(f"config key 'classification_hidden': must be >= 0, got {self.classification_hidden}")
         if self.classification_hidden and not (self.classification_heads or self.binary_targets):
             raise UsageError("config key 'classification_hidden': needs classification_heads: true or binary_targets")
+        if self.valence_features not in VALENCE_MODES:
+            raise UsageError(f"config key 'valence_features': expected one of {', '.join(VALENCE_MODES)}, "
+                             f"got {self.valence_features!r}")
+        if self.valence_features == "classification" and not (self.classification_heads or self.binary_targets):
+            raise UsageError("config key 'valence_features: classification': needs classification_heads: true "
+                             "or binary_targets")
+        if self.hurdle_targets:
+            from cgnn_dgl.tasks import OQMD_CLASSES
+
+            gates = {c[2]: c[0] for c in OQMD_CLASSES}
+            for t in self.hurdle_targets:
+                if t not in gates:
+                    raise UsageError(f"config key 'hurdle_targets': {t!r} has no classification head to gate it; "
+                                     f"expected some of {', '.join(gates)}")
+                if t not in self.targets or not self.classification_heads:
+                    raise UsageError(f"config key 'hurdle_targets': {t} needs {t} in targets and "
+                                     f"classification_heads: true (its {gates[t]} head)")
+            if len(set(self.hurdle_targets)) != len(self.hurdle_targets):
+                raise UsageError("config key 'hurdle_targets': a target is named twice")
         if self.geometry and self.geometry_basis < 2:
             raise UsageError(f"config key 'geometry_basis': must be >= 2, got {self.geometry_basis}")
         if self.n_edge_net_layers > 0 and self.n_edge_net_feat < 1:

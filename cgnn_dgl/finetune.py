@@ -29,15 +29,17 @@ from cgnn_dgl.errors import CgnnError
 
 log = logging.getLogger(__name__)
 
-HEADS = ("regression", "classification")  # child modules of CGNN that are output heads
+HEADS = ("regression", "classification", "conditional")  # child modules of CGNN that are output heads
 STATS = ("target_mean", "target_std")  # standardisation buffers: set from the new run's training split
 # fields of ModelConfig that describe the heads, not the trunk: the run config decides them
-HEAD_FIELDS = ("targets", "classification_heads", "classification_hidden", "classification_detach", "binary_targets")
+HEAD_FIELDS = ("targets", "classification_heads", "classification_hidden", "classification_detach", "binary_targets",
+               "hurdle_targets")
+FIXED = ("valence",)  # buffer-only modules rebuilt by every model (the valence table), never loaded from the init
 
 
 def is_trunk_key(key: str) -> bool:
     """Whether a state-dict key belongs to the trunk (everything but the heads and the target statistics)."""
-    return key not in STATS and key.split(".", 1)[0] not in HEADS
+    return key not in STATS and key.split(".", 1)[0] not in HEADS + FIXED
 
 
 @dataclass
@@ -76,7 +78,10 @@ def read_init(path: str | Path, arch: str | None = None) -> InitModel:
 
 def init_model_config(run_model, init: InitModel):
     """The run's ModelConfig: the init's trunk architecture, the run's targets and heads."""
-    adopted = dataclasses.replace(init.config, **{f: getattr(run_model, f) for f in HEAD_FIELDS})
+    heads = {f: getattr(run_model, f) for f in HEAD_FIELDS}
+    if init.config.valence_features == "classification" and not (heads["classification_heads"] or heads["binary_targets"]):
+        heads["valence_features"] = "none"  # the flags fed only the classification heads that this run drops
+    adopted = dataclasses.replace(init.config, **heads)
     changed = [f"{f.name} {getattr(run_model, f.name)!r} -> {getattr(adopted, f.name)!r}"
                for f in dataclasses.fields(adopted)
                if f.name not in HEAD_FIELDS and getattr(run_model, f.name) != getattr(adopted, f.name)]
@@ -125,6 +130,8 @@ def apply_init(model, init: InitModel) -> dict:
             kept.append("classification")
         else:
             fresh.append("classification")
+    if getattr(model, "conditional", None) is not None:  # in the init's standardised units: always fresh
+        fresh.append("conditional")
     model.load_state_dict(merged, strict=True)
     log.info("init from %s: trunk loaded (%d tensors); heads kept: %s; fresh: %s", init.path, len(trunk),
              ", ".join(kept) or "none", ", ".join(fresh) or "none")

@@ -76,6 +76,8 @@ def predict_packed_features(model, packed, indices=None, batch_size: int = 512, 
         z = g.nodes["atom"].data["Z"].to(device)
         out = model.forward_heads(z, gi, features=True) if features else model.forward_heads(z, gi)
         reg, logits = split_output(out)
+        if isinstance(out, dict) and "prediction" in out:  # hurdle targets gated by their heads
+            reg = out["prediction"]
         reg = reg.reshape(len(idx), -1)
         preds.append(model.to_physical(reg).double().cpu().numpy())
         if logits is not None:

@@ -120,6 +120,15 @@ def class_names(model_cfg) -> tuple[str, ...]:
     return oqmd + tuple(getattr(model_cfg, "binary_targets", ()))
 
 
+def hurdle_pairs(model_cfg) -> tuple[tuple[int, int], ...]:
+    """(regression column, logit column) of each ``model.hurdle_targets`` entry, in its order: the target
+    and the classification head that gates it (band_gap and insulator, magnetization and magnetic)."""
+    heads = class_names(model_cfg)
+    gate = {c[2]: c[0] for c in OQMD_CLASSES}
+    targets = list(model_cfg.targets)
+    return tuple((targets.index(t), heads.index(gate[t])) for t in getattr(model_cfg, "hurdle_targets", ()))
+
+
 @dataclass
 class TaskSet:
     """A model's tasks: ``regression`` in the order of its output columns, ``binary`` in the order of its

@@ -174,6 +174,17 @@ def split_output(out):
     return out, None
 
 
+def hurdle_loss(conditional, ys, maskf, labels, lmask, pairs) -> torch.Tensor:
+    """Mean over the hurdle targets of the L1 loss of each conditional output (standardised) on the crystals
+    its head labels positive (insulators for band_gap): the part of a two-part model above the hurdle."""
+    total = conditional.new_zeros((), dtype=torch.float32)
+    for j, (col, head) in enumerate(pairs):
+        pos = (labels[:, head] > 0.5) & lmask[:, head] & (maskf[:, col] > 0)
+        err = (conditional[:, j].float() - ys[:, col]).abs() * pos.float()
+        total = total + err.sum() / pos.float().sum().clamp(min=1.0)
+    return total / max(len(pairs), 1)
+
+
 class HeadsModule(torch.nn.Module):
     """``forward`` = the model's ``forward_heads`` (regression + optional logits), so DDP can wrap it."""
 
@@ -421,9 +432,15 @@ class Trainer:
                     if self.has_cls and logits is not None:
                         labels, lmask = self.tasks.binary_labels(y_all, mask_all)
                         loss = loss + self.tasks.binary_loss(logits, labels, lmask, self.cls_w, self.cls_pos)
+                        if "conditional" in out:
+                            loss = loss + hurdle_loss(out["conditional"], ys, maskf, labels, lmask,
+                                                      self.model.hurdle)
                     if train:
                         self.opt.zero_grad(set_to_none=True)
                         loss.backward()
+                    if "prediction" in out:  # hurdle targets: score what predict reports (the gated output)
+                        reg = out["prediction"].float().reshape(y.shape[0], -1).detach()
+                        sq = (reg - ys) ** 2 * maskf
                     return reg, sq, loss
 
                 reg, sq, loss = self.runner(attempt) if train else attempt(self.heads)

@@ -200,3 +200,27 @@ def test_init_with_detached_classification_heads_into_a_run_without_heads(cache,
     assert not any(k.startswith("classification.") for k in got["model"])
     with pytest.raises(UsageError, match=r"is a folder; give a checkpoint file, e\.g\. .*src/best\.pt"):
         _ft_config(cache, tmp_path / "ft2", tmp_path / "src").train.validate(check_files=True)
+
+
+def test_init_with_valence_flags(cache, tmp_path):
+    """An init whose classification heads read the valence flags: a run that keeps heads keeps the flags
+    (the trunk loads; the table is rebuilt, not loaded); a run without heads drops them."""
+    from cgnn_dgl.finetune import init_model_config
+    from cgnn_dgl.train import Trainer, load_cache, make_split, train_run
+
+    out = tmp_path / "init"
+    cfg = tiny_config(cache, out, epochs=1)
+    cfg.model.classification_heads, cfg.model.valence_features = True, "classification"
+    train_run(cfg, out)
+    init = read_init(out / "best.pt")
+    assert "valence.valence_table" in init.state and not is_trunk_key("valence.valence_table")
+    packed = load_cache(str(cache))
+    for heads, want in ((True, "classification"), (False, "none")):
+        ft = _ft_config(cache, tmp_path / f"ft{heads}", out / "best.pt")
+        ft.model.classification_heads = heads
+        ft.model = init_model_config(ft.model, init)
+        assert ft.model.valence_features == want
+        tr = Trainer(ft, tmp_path / f"ft{heads}", packed, make_split(packed, ft.train))
+        own = tr.model.state_dict()
+        assert all(torch.equal(own[k], v) for k, v in init.state.items() if is_trunk_key(k))
+        assert ("valence.valence_table" in own) is heads

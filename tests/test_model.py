@@ -613,3 +613,39 @@ def test_geometry_without_ratios_is_one_clear_error(geometry_model):
     g = graph_from_neighbors([29, 8], [[1], [0]])  # reference neighbour lists carry no distances
     with pytest.raises(CgnnError, match=r"no bond distance ratios.*rebuild"):
         geometry_model(g.nodes["atom"].data["Z"], GraphIndex.from_graph(g))
+
+
+# hurdle targets (model.hurdle_targets)
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_hurdle_gate_takes_the_conditional_output_where_the_head_says_positive(batch):
+    g, z = batch
+    gi = GraphIndex.from_graph(g)
+    torch.manual_seed(2)
+    model = CGNN(ModelConfig.from_dict({**SMALL, "targets": list(TARGETS), "classification_heads": True,
+                                        "hurdle_targets": ["band_gap"]})).eval()
+    col, head = TARGETS.index("band_gap"), 0  # the insulator logit gates the band gap
+    with torch.no_grad():  # shift the insulator logit so that the batch has both answers
+        logits = model.forward_heads(z, gi)["logits"][:, head]
+        model.classification.linear.bias[head] -= (logits.min() + logits.max()) / 2
+        out = model.forward_heads(z, gi)
+    assert model.hurdle == ((col, head),)
+    pos = out["logits"][:, head] > 0
+    assert pos.any() and (~pos).any()
+    pred = out["prediction"]
+    torch.testing.assert_close(pred[pos, col], out["conditional"][pos, 0])
+    torch.testing.assert_close(pred[~pos, col], out["regression"][~pos, col])
+    other = [k for k in range(len(TARGETS)) if k != col]
+    assert torch.equal(pred[:, other], out["regression"][:, other])
+    assert "prediction" not in CGNN(ModelConfig.from_dict({**SMALL, "targets": list(TARGETS)})).forward_heads(z, gi)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(hurdle_targets=["formation_energy"], classification_heads=True), "no classification head"),
+    (dict(hurdle_targets=["band_gap"]), "classification_heads: true"),
+    (dict(hurdle_targets=["band_gap"], classification_heads=True, targets=["formation_energy"]), "in targets"),
+])
+def test_hurdle_config_errors(bad, match):
+    with pytest.raises(UsageError, match=match):
+        ModelConfig.from_dict({**SMALL, **bad})

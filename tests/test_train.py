@@ -587,3 +587,43 @@ def test_a_lone_last_training_batch_is_dropped(cache, tmp_path):
     (tmp_path / "r").mkdir()
     summary = Trainer(cfg, tmp_path / "r", packed, split).fit()
     assert summary["epochs"] == 2 and np.isfinite(summary["best_score"])
+
+
+def test_valence_flags_and_hurdle_leave_the_regression_untouched(cache, tmp_path):
+    """model.valence_features: classification and model.hurdle_targets on detached heads train the heads
+    and the conditional output only: trunk and regression weights equal the plain run's bit for bit, the
+    conditional output trains, and the checkpoint records both options."""
+    from cgnn_dgl.train import train_run
+
+    def run(name, **model):
+        cfg = tiny_config(cache, tmp_path / name)
+        cfg = RunConfig.from_dict({"model": {**cfg.model.to_dict(), **model}, "train": cfg.train.to_dict()})
+        train_run(cfg, tmp_path / name)
+        return torch.load(tmp_path / name / "last.pt", weights_only=True)
+
+    plain = run("plain")["model"]
+    ck = run("hurdle", classification_heads=True, classification_detach=True, valence_features="classification",
+             hurdle_targets=["band_gap"])
+    both = ck["model"]
+    heads = ("classification.", "conditional.", "valence.")
+    assert same_weights(plain, {k: v for k, v in both.items() if not k.startswith(heads)})
+    assert both["conditional.linear.weight"].shape[0] == 1
+    torch.manual_seed(0)
+    from cgnn_dgl.model import CGNN
+
+    fresh = CGNN(RunConfig.from_dict({"model": ck["model_config"]}).model).state_dict()
+    assert not torch.equal(fresh["conditional.linear.weight"], both["conditional.linear.weight"])
+    assert ck["model_config"]["hurdle_targets"] == ["band_gap"]
+    assert ck["model_config"]["valence_features"] == "classification"
+
+
+def test_hurdle_loss_reads_positive_crystals_only():
+    from cgnn_dgl.train import hurdle_loss
+
+    ys = torch.tensor([[0.0, 2.0], [0.0, -1.0], [0.0, 3.0], [0.0, 5.0]])
+    maskf = torch.tensor([[1.0, 1.0], [1.0, 1.0], [1.0, 1.0], [1.0, 0.0]])
+    labels = torch.tensor([[1.0], [0.0], [1.0], [1.0]])  # crystal 3 is positive but its target is unlabelled
+    lmask = torch.tensor([[True], [True], [True], [True]])
+    cond = torch.tensor([[1.0], [100.0], [3.5], [-50.0]])
+    loss = hurdle_loss(cond, ys, maskf, labels, lmask, ((1, 0),))
+    assert float(loss) == pytest.approx((1.0 + 0.5) / 2)

@@ -27,6 +27,8 @@ from cgnn_dgl.model.layers import (
     PostconvolutionNetwork,
     RadialBasis,
 )
+from cgnn_dgl.model.valence import FLAG_NAMES as VALENCE_FLAG_NAMES
+from cgnn_dgl.model.valence import ValenceFlags
 
 CLASS_NAMES: tuple[str, ...] = ("insulator", "magnetic")
 """Columns of the OQMD preset's classification logits (``classification_heads=True``); a model's own are
@@ -107,12 +109,19 @@ class CGNN(nn.Module):
         self.fcs = nn.ModuleList(
             FullConnection(c.n_hidden_feat if k == 0 else c.n_graph_feat, c.n_graph_feat, act(), c.use_batch_norm)
             for k in range(c.n_fc))
-        self.regression = LinearRegression(c.n_graph_feat, c.n_targets)
-        from cgnn_dgl.tasks import class_names
+        self.valence = ValenceFlags() if c.valence_features != "none" else None
+        n_flags = len(VALENCE_FLAG_NAMES) if self.valence is not None else 0
+        self.regression = LinearRegression(c.n_graph_feat + (n_flags if c.valence_features == "all" else 0),
+                                           c.n_targets)
+        from cgnn_dgl.tasks import class_names, hurdle_pairs
 
         n_classes = len(class_names(c))
-        self.classification = (ClassificationHead(c.n_graph_feat, n_classes, c.classification_hidden, act())
-                               if n_classes else None)
+        self.classification = (ClassificationHead(c.n_graph_feat + n_flags, n_classes, c.classification_hidden,
+                                                  act()) if n_classes else None)
+        self.hurdle = hurdle_pairs(c)
+        # one output per hurdle target, on the classification heads' input, trained on positive crystals only
+        self.conditional = (ClassificationHead(c.n_graph_feat + n_flags, len(self.hurdle), c.classification_hidden,
+                                               act()) if self.hurdle else None)
         self.register_buffer("target_mean", torch.zeros(c.n_targets))
         self.register_buffer("target_std", torch.ones(c.n_targets))
 
@@ -139,7 +148,13 @@ class CGNN(nn.Module):
             h = fc(h)
         return h
 
-    def _regression(self, h: Tensor, gi: GraphIndex) -> Tensor:
+    def valence_flags(self, z: Tensor, gi: GraphIndex) -> Tensor | None:
+        """The crystals' valence flags ``(n_crystals, 4)`` with ``model.valence_features``, else None."""
+        return None if self.valence is None else self.valence(z, gi.atom_crystal, gi.n_crystals)
+
+    def _regression(self, h: Tensor, gi: GraphIndex, flags: Tensor | None = None) -> Tensor:
+        if self.config.valence_features == "all":
+            h = torch.cat([h, flags.to(h.dtype)], dim=1)
         y = self.regression(h)
         if self.config.use_extension:
             y = y * gi.atom_count.to(y.dtype).unsqueeze(1)
@@ -147,20 +162,38 @@ class CGNN(nn.Module):
 
     def forward(self, z: Tensor, gi: GraphIndex) -> Tensor:
         """Standardised regression outputs ``(n_crystals, n_targets)``."""
-        return self._regression(self.graph_features(z, gi), gi)
+        return self._regression(self.graph_features(z, gi), gi, self.valence_flags(z, gi))
 
     def forward_heads(self, z: Tensor, gi: GraphIndex, features: bool = False) -> dict[str, Tensor]:
         """``{"regression": (n, n_targets)[, "logits": (n, 2)]}`` from one pass (logits only with
         ``classification_heads`` or ``binary_targets``; columns :func:`cgnn_dgl.tasks.class_names`). With
         ``classification_detach`` the logits see a detached copy of the graph features: their loss trains
-        the logit layer only. ``features``: also ``"features"``, the graph features (n, n_graph_feat)."""
+        the logit layer only. ``features``: also ``"features"``, the graph features (n, n_graph_feat). With
+        ``hurdle_targets``: also ``"conditional"`` (n, n_hurdle), the outputs trained on positive crystals,
+        and ``"prediction"``, the regression with the hurdle columns gated (:meth:`gate`): what to report;
+        ``"regression"`` stays the plain output that its loss trains."""
         h = self.graph_features(z, gi)
-        out = {"regression": self._regression(h, gi)}
+        flags = self.valence_flags(z, gi)
+        out = {"regression": self._regression(h, gi, flags)}
         if features:
             out["features"] = h
         if self.classification is not None:
-            out["logits"] = self.classification(h.detach() if self.config.classification_detach else h)
+            hc = h.detach() if self.config.classification_detach else h
+            hc = hc if flags is None else torch.cat([hc, flags.to(hc.dtype)], dim=1)
+            out["logits"] = self.classification(hc)
+            if self.conditional is not None:
+                out["conditional"] = self.conditional(hc)
+                out["prediction"] = self.gate(out["regression"], out["logits"], out["conditional"])
         return out
+
+    def gate(self, regression: Tensor, logits: Tensor, conditional: Tensor) -> Tensor:
+        """The standardised predictions with each hurdle target's column taken from its conditional output
+        where its head says positive (logit > 0, p > 0.5): the L1-optimal answer of a two-part model, whose
+        median is the plain output (0 eV for a metal) below p = 0.5 and within the positive part above."""
+        pred = regression.clone()
+        for j, (col, head) in enumerate(self.hurdle):
+            pred[:, col] = torch.where(logits[:, head] > 0, conditional[:, j].to(pred.dtype), regression[:, col])
+        return pred
 
     # -- target standardisation ---------------------------------------------------------------------
 
