@@ -244,6 +244,15 @@ def sidecar_path(out: Path) -> Path:
     return out.with_suffix(".json") if out.suffix.lower() != ".json" else out.with_name(out.name + ".json")
 
 
+def gated_columns(model_cfg) -> dict[str, str]:
+    """What each ``model.hurdle_targets`` column of the predictions holds (a two-part prediction)."""
+    from cgnn_dgl.tasks import OQMD_CLASSES
+
+    head = {c[2]: c[0] for c in OQMD_CLASSES}
+    return {t: f"where p_{head[t]} > 0.5, an output trained on {head[t]} crystals only; elsewhere the plain "
+               f"regression output (about 0 for the other crystals)" for t in getattr(model_cfg, "hurdle_targets", ())}
+
+
 def write_sidecar(out: Path, model_path, ens, ckpt: dict, params, n_predicted: int, n_rejected: int) -> Path:
     """``<out>.json`` beside the predictions: its columns with units, the model file(s) with sha256, the
     coordinator parameters the graphs were built with, the code version, and whether the model learnt
@@ -281,6 +290,7 @@ def write_sidecar(out: Path, model_path, ens, ckpt: dict, params, n_predicted: i
         "synthetic": synthetic,
         "labels_note": "the model was trained on SYNTHETIC labels: predictions show the pipeline works, not physics"
         if synthetic else "",
+        "gated_columns": gated_columns(ens.config),
         "untrained_columns": untrained,
         "untrained_note": UNTRAINED_NOTE if untrained else "",
         "n_predicted": int(n_predicted), "n_rejected": int(n_rejected),

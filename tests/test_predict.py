@@ -272,3 +272,27 @@ def test_outputs_without_training_labels_are_flagged(dev_corpus, tmp_path):
     side = json.loads((tmp_path / "p.json").read_text())
     assert side["untrained_columns"] == ["magnetization", "p_magnetic"] and "not predictions" in side["untrained_note"]
     assert "magnetization, p_magnetic" in r.stderr
+
+
+def test_hurdle_model_through_train_and_predict(dev_corpus, tmp_path):
+    """A model with valence flags and a band-gap hurdle trains and predicts through the CLI, and the
+    sidecar says which column is gated (the gate itself: tests/test_model.py)."""
+    from cgnn_dgl.config import RunConfig
+    from cgnn_dgl.train import train_run
+
+    rows = usable_rows(dev_corpus, 80)
+    cache = write_cache(tmp_path / "cache", rows, seed=3)
+    cfg = tiny_config(cache, tmp_path / "run", epochs=1)
+    cfg = RunConfig.from_dict({"model": {**cfg.model.to_dict(), "classification_heads": True,
+                                         "valence_features": "classification", "hurdle_targets": ["band_gap"]},
+                               "train": cfg.train.to_dict()})
+    train_run(cfg, tmp_path / "run")
+    json_in = tmp_path / "in.json"
+    json_in.write_text(json.dumps([{k: r[k] for k in ("name", "lattice", "numbers", "frac")} for r in rows[:4]]))
+    r = _cli("predict", "--model", str(tmp_path / "run"), str(json_in), "--out", str(tmp_path / "p.csv"))
+    assert r.returncode == 0, r.stderr
+    side = json.loads((tmp_path / "p.json").read_text())
+    assert list(side["gated_columns"]) == ["band_gap"] and "p_insulator > 0.5" in side["gated_columns"]["band_gap"]
+    with open(tmp_path / "p.csv") as fh:
+        got = list(csv.DictReader(fh))
+    assert len(got) == 4 and all(np.isfinite(float(g["band_gap"])) for g in got)
