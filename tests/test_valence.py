@@ -184,3 +184,24 @@ def test_config_checks_the_mode():
     with pytest.raises(UsageError, match="expected str"):  # YAML's off / false
         ModelConfig.preset("benchmark", valence_features=False)
     assert ModelConfig.preset("benchmark").valence_features == "none"
+
+
+def test_members_with_one_table_share_the_cache_and_a_changed_table_does_not():
+    """An ensemble computes each new composition's flags once; a model with another table keeps its own."""
+    g = _batch(FORMULAS[:1])
+    gi = GraphIndex.from_graph(g)
+    z = g.nodes["atom"].data["Z"]
+    a, b = ValenceFlags(), ValenceFlags()
+    flags = a(z, gi.atom_crystal, 1)
+    b(z, gi.atom_crystal, 1)
+    assert a._cache is b._cache and len(a._cache) >= 1
+    other = ValenceFlags()
+    sd = other.state_dict()
+    sd["valence_table"] = sd["valence_table"].clone()
+    sd["valence_table"][IDX[22]] = 0
+    sd["valence_table"][IDX[22], 0] = TABLE[IDX[26], 1]  # Ti takes one of iron's states
+    other.load_state_dict(sd)
+    changed = other(z, gi.atom_crystal, 1)
+    assert other._cache is not a._cache
+    assert flags[0, 1] == 1.0 and changed[0, 1] == 0.0
+    assert torch.equal(a(z, gi.atom_crystal, 1), flags)  # the first table's entry is untouched

@@ -26,6 +26,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterable
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -109,15 +110,18 @@ class ValenceFlags(nn.Module):
 
     The flags are computed on the host from each crystal's reduced composition and cached by it (an epoch
     revisits every composition; the cache is emptied past :attr:`CACHE_SIZE` entries so that a screen of
-    millions of candidates stays bounded); the result is moved to the device of ``z``.
+    millions of candidates stays bounded); the result is moved to the device of ``z``. The cache is shared
+    by every module with the same ``valence_table`` in the process, so the members of an ensemble
+    screening new compositions compute each one once, not once per member.
     """
 
     CACHE_SIZE = 200_000
+    _shared: ClassVar[dict[bytes, tuple[dict, dict]]] = {}  # table bytes -> (decoded states, flag cache)
 
     def __init__(self):
         super().__init__()
         self.register_buffer("valence_table", valence_table())
-        self._states: dict[int, tuple[tuple[int, bool], ...]] | None = None
+        self._states: dict[int, tuple[tuple[int, bool, bool], ...]] | None = None
         self._cache: dict[tuple, tuple[float, ...]] = {}
 
     def _load_from_state_dict(self, *args, **kwargs):  # a loaded table may differ from the built one
@@ -126,8 +130,13 @@ class ValenceFlags(nn.Module):
 
     def forward(self, z: Tensor, atom_crystal: Tensor, n_crystals: int) -> Tensor:
         if self._states is None:
-            table = self.valence_table.cpu().tolist()
-            self._states = {s: decode_states(table[s]) for s in range(N_SPECIES)}
+            table = self.valence_table.cpu()
+            entry = self._shared.get(table.numpy().tobytes())
+            if entry is None:
+                rows = table.tolist()
+                entry = ({s: decode_states(rows[s]) for s in range(N_SPECIES)}, {})
+                self._shared[table.numpy().tobytes()] = entry
+            self._states, self._cache = entry
         idx = species_index(z).cpu()
         crystal = atom_crystal.cpu()
         counts = torch.zeros(n_crystals, N_SPECIES, dtype=torch.int64)
