@@ -137,8 +137,7 @@ SPLIT_SEED = 12345
 NAMES = ("formation_energy", "volume_per_atom", "band_gap", "magnetization")
 # settings that do not change what a member learns (a member trained with other values is reused)
 _NEUTRAL = ("out_dir", "progress", "num_threads", "workers", "device", "ensemble", "distance_uncertainty",
-            "distance_reference", "local_error_uncertainty", "relative_uncertainty",
-            "std_likelihood")
+            "distance_reference", "local_error_uncertainty")
 
 
 def _comparable(cfg_dict: dict) -> dict:
@@ -245,9 +244,9 @@ def score_row(packed, split, members: list[Path], cfg) -> dict:
     std_v = std_t = model = None
     if ens.is_ensemble:
         masks = [packed.y_mask[val, c] for c in cols]
-        model = fit_std_model(pv, [packed.y[val, c][m] for c, m in zip(cols, masks)], masks, 0.95,
-                              relative=cfg.train.relative_uncertainty, likelihood=cfg.train.std_likelihood)
-        std_v, std_t = model.std_of(pv), model.std_of(pt)
+        model = fit_std_model(pv, [packed.y[val, c][m] for c, m in zip(cols, masks)], masks, 0.95)
+        std_v, std_t = (model.std(pv.std_raw, pv.distance, pv.local_error),
+                        model.std(pt.std_raw, pt.distance, pt.local_error))
     out = split_metrics(packed, test, train, pt, cols, cfg.train.gap_threshold, std_t)
     out["val"] = split_metrics(packed, val, train, pv, cols, cfg.train.gap_threshold, std_v)
     for part in (out, out["val"]):
@@ -258,8 +257,6 @@ def score_row(packed, split, members: list[Path], cfg) -> dict:
                     part[name]["distance_weight"] = float(model.weight[k])
                 if model.local_weight is not None:
                     part[name]["local_error_weight"] = float(model.local_weight[k])
-                if model.relative_weight is not None:
-                    part[name]["relative_weight"] = float(model.relative_weight[k])
     return out
 
 

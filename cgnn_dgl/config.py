@@ -458,12 +458,6 @@ class TrainConfig:
     # error on the same nearest reference crystals, per target, with its own share fitted on val. It is
     # where the model stays wrong on its own training data (insulators' gaps among metals, say).
     local_error_uncertainty: bool = False
-    # A term proportional to the prediction itself, |mean| (needs distance_uncertainty), with its own share
-    # fitted on val: errors that grow with the value (band gaps: a metal's 0.01 eV is off by about 0.01 eV).
-    relative_uncertainty: bool = False
-    # How the shares of the std terms are fitted on val: gaussian (likelihood) or laplace, which the few
-    # very large errors (a misclassified insulator's gap) sway less. The 95% scale is fitted after either.
-    std_likelihood: str = "gaussian"
     workers: int = 1  # ensemble members trained at the same time, in separate processes
     # data and outputs
     cache: str | None = None
@@ -503,10 +497,6 @@ class TrainConfig:
             bad(f"distance_reference must be >= 10 (got {self.distance_reference})")
         if self.local_error_uncertainty and not self.distance_uncertainty:
             bad("local_error_uncertainty needs distance_uncertainty: true (it uses the same nearest reference crystals)")
-        if self.std_likelihood not in ("gaussian", "laplace"):
-            bad(f"std_likelihood: {self.std_likelihood!r} is not one of gaussian, laplace")
-        if self.relative_uncertainty and not self.distance_uncertainty:
-            bad("relative_uncertainty needs distance_uncertainty: true (its share is fitted beside the distance's)")
         if self.precise_bn_batch_size < 0:
             bad(f"precise_bn_batch_size must be >= 0 (got {self.precise_bn_batch_size})")
         if self.batch_size < 1 or self.eval_batch_size < 0:

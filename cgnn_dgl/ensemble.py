@@ -29,10 +29,6 @@ Members can agree and still be wrong far from their training data; the distance 
 ``train.local_error_uncertainty`` adds a third term, the ensemble's mean absolute training error on the
 same nearest reference crystals (stored with the reference), with its own share: where the model is
 wrong even on its own training data (an insulator's gap among metals), it will be wrong on new data too.
-``train.relative_uncertainty`` adds a term proportional to the predicted value itself, ``|mean|``, with its
-own share: an error that grows with the prediction (a band gap predicted at 0.01 eV for a metal is off by
-about 0.01 eV, one predicted at 2 eV by tenths). The likelihood on val decides its share per target, so
-it stays near 0 where errors do not grow with the value (formation energies, which can be of any sign).
 
 Python API for other tools (e.g. screening): ``Ensemble.load(path).predict(packed)`` or
 :func:`predict_with_uncertainty`, both returning a :class:`Prediction` (mean, std, probabilities).
@@ -135,9 +131,7 @@ class StdModel:
     distance on val), so ``w`` is the share of the variance that the distance carries. ``local_weight``
     ``v`` (``train.local_error_uncertainty``) is the share of the local training error (the mean error of
     the nearest reference crystals, :meth:`LatentDistance.query`), put in the spread's unit the same way
-    (``local_norm``: its mean on val); ``relative_weight`` (``train.relative_uncertainty``) that of
-    ``|mean|``, the prediction itself, put in the spread's unit by ``relative_norm`` (its mean on val):
-    ``+ u (spread_norm * |mean| / relative_norm)²``, and the spread's share is ``1 - w - v - u``.
+    (``local_norm``: its mean on val).
     """
 
     scale: np.ndarray
@@ -146,42 +140,27 @@ class StdModel:
     distance_norm: float = 1.0
     local_weight: np.ndarray | None = None
     local_norm: np.ndarray | None = None
-    relative_weight: np.ndarray | None = None  # train.relative_uncertainty: share of the |mean| term
-    relative_norm: np.ndarray | None = None  # its mean on val
 
     def std(self, spread: np.ndarray, distance: np.ndarray | None = None,
-            local: np.ndarray | None = None, mean: np.ndarray | None = None) -> np.ndarray:
+            local: np.ndarray | None = None) -> np.ndarray:
         spread = np.asarray(spread, float)
         if self.weight is None or distance is None:
             return spread * self.scale
         d = (np.asarray(distance, float) / self.distance_norm)[:, None] * self.spread_norm
         var = self.weight * d ** 2
         rest = 1 - self.weight
-        for w, norm, x in ((self.local_weight, self.local_norm, local),
-                           (self.relative_weight, self.relative_norm, None if mean is None else np.abs(mean))):
-            if w is not None and x is not None:
-                var = var + w * (np.asarray(x, float) / norm * self.spread_norm) ** 2
-                rest = rest - w
+        if self.local_weight is not None and local is not None:
+            r = np.asarray(local, float) / self.local_norm * self.spread_norm
+            var = var + self.local_weight * r ** 2
+            rest = rest - self.local_weight
         return self.scale * np.sqrt(np.maximum(rest, 0.0) * spread ** 2 + var)
 
-    def std_of(self, pred: Prediction) -> np.ndarray:
-        """The std of a :class:`Prediction` (its spread, distance, local error and mean)."""
-        return self.std(pred.std_raw, pred.distance, pred.local_error, pred.mean)
 
-
-STD_FITS = ("gaussian", "laplace")
-
-
-def fit_shares(err, terms: list[np.ndarray], n_grid: int = 41, likelihood: str = "gaussian") -> list[float]:
+def fit_shares(err, terms: list[np.ndarray], n_grid: int = 41) -> list[float]:
     """Shares ``s_1 .. s_K`` (each >= 0, summing to at most 1) of ``terms[1:]`` in the variance
-    ``(1 - sum s) terms[0]² + sum s_j terms[j]²`` that maximise the likelihood of the errors ``err``
-    (the scale at its optimum for each choice), on a grid of step ``1 / (n_grid - 1)``; zeros without
-    data. The terms must be in one unit (the spread's). ``likelihood``: ``"gaussian"``, or ``"laplace"``
-    (errors ~ Laplace with scale proportional to the std), which a few very large errors sway less: a
-    band gap that is off by 2 eV on one crystal in a hundred. Both find the shape of a std that is a
-    scale family of the errors; the 95% scale is fitted afterwards either way."""
-    if likelihood not in STD_FITS:
-        raise UsageError(f"std likelihood {likelihood!r} is not one of {STD_FITS}")
+    ``(1 - sum s) terms[0]² + sum s_j terms[j]²`` that maximise the Gaussian likelihood of the errors
+    ``err`` (the scale at its optimum for each choice), on a grid of step ``1 / (n_grid - 1)``; zeros
+    without data. The terms must be in one unit (the spread's)."""
     err = np.asarray(err, float)
     terms = [np.asarray(t, float) for t in terms]
     n_extra = len(terms) - 1
@@ -205,11 +184,8 @@ def fit_shares(err, terms: list[np.ndarray], n_grid: int = 41, likelihood: str =
         for s, q in zip(shares, sq[1:]):
             var = var + s * q
         g = np.maximum(np.sqrt(np.maximum(var, 0.0)), _TINY)
-        # NLL up to a constant, at the best scale: s² = mean((err / g)²) (Gaussian), s = mean(|err| / g)
-        if likelihood == "laplace":
-            nll = math.log(float(np.mean(np.abs(err) / g)) + _TINY) + float(np.mean(np.log(g)))
-        else:
-            nll = 0.5 * math.log(float(np.mean((err / g) ** 2)) + _TINY) + float(np.mean(np.log(g)))
+        # NLL up to a constant, with the best scale s² = mean((err / g)²)
+        nll = 0.5 * math.log(float(np.mean((err / g) ** 2)) + _TINY) + float(np.mean(np.log(g)))
         if nll < best_nll - 1e-12:
             best, best_nll = combo, nll
     return [c / steps for c in best]
@@ -222,19 +198,15 @@ def fit_distance_weight(err, spread, distance, spread_norm: float, distance_norm
     return fit_shares(err, [spread, distance / distance_norm * spread_norm], n_grid)[0]
 
 
-def fit_std_model(pred: Prediction, true: list[np.ndarray], masks: list[np.ndarray], level: float = 0.95,
-                  relative: bool = False, likelihood: str = "gaussian") -> StdModel:
+def fit_std_model(pred: Prediction, true: list[np.ndarray], masks: list[np.ndarray], level: float = 0.95) -> StdModel:
     """Fit the std model on validation predictions: per target the shares of the distance (when ``pred``
-    has a distance), of the local training error (when it has one) and, with ``relative``, of ``|mean|``
-    (by ``likelihood``, :func:`fit_shares`); then the scale so that ``mean ± z std`` covers ``level`` of
-    the validation data."""
+    has a distance) and of the local training error (when it has one), then the scale so that
+    ``mean ± z std`` covers ``level`` of the validation data."""
     T = len(pred.targets)
     scale = np.ones(T)
     use_distance = pred.distance is not None
     use_local = use_distance and pred.local_error is not None
-    use_rel = use_distance and relative
     weight, local_w, norm, l_norm = np.zeros(T), np.zeros(T), np.ones(T), np.ones(T)
-    rel_w, r_norm = np.zeros(T), np.ones(T)
     d_norm = float(np.mean(pred.distance)) if use_distance and len(pred.distance) else 1.0
     d_norm = d_norm if d_norm > 0 else 1.0
     for k in range(T):
@@ -247,22 +219,16 @@ def fit_std_model(pred: Prediction, true: list[np.ndarray], masks: list[np.ndarr
                 local = pred.local_error[m, k]
                 l_norm[k] = max(float(np.mean(local)), _TINY)
                 terms.append(local / l_norm[k] * norm[k])
-            if use_rel:
-                r_norm[k] = max(float(np.mean(np.abs(mean))), _TINY)
-                terms.append(np.abs(mean) / r_norm[k] * norm[k])
-            shares = fit_shares(true[k] - mean, terms, likelihood=likelihood)
+            shares = fit_shares(true[k] - mean, terms)
             weight[k] = shares[0]
             if use_local:
                 local_w[k] = shares[1]
-            if use_rel:
-                rel_w[k] = shares[-1]
     model = StdModel(np.ones(T), weight if use_distance else None, norm if use_distance else None, d_norm,
-                     local_w if use_local else None, l_norm if use_local else None,
-                     rel_w if use_rel else None, r_norm if use_rel else None)
+                     local_w if use_local else None, l_norm if use_local else None)
     for k in range(T):
         m = masks[k]
         shape = model.std(pred.std_raw[m], pred.distance[m] if use_distance else None,
-                          pred.local_error[m] if use_local else None, pred.mean[m])[:, k]
+                          pred.local_error[m] if use_local else None)[:, k]
         scale[k] = calibration_scale(pred.mean[m, k], shape, true[k], level)
     model.scale = scale
     return model
@@ -454,14 +420,12 @@ class Ensemble:
             dist = calib.get("distance")
             if dist:
                 ens.distance = LatentDistance.load(path / dist["reference"])
-                local, rel = dist.get("local_error"), dist.get("relative")
-
-                def per_target(part, key):
-                    return np.array([part[key][t] for t in ens.targets]) if part else None
-
-                ens.std_model = StdModel(scale, per_target(dist, "weight"), per_target(dist, "spread_norm"),
-                                         float(dist["distance_norm"]), per_target(local, "weight"),
-                                         per_target(local, "norm"), per_target(rel, "weight"), per_target(rel, "norm"))
+                local = dist.get("local_error")
+                ens.std_model = StdModel(scale, np.array([dist["weight"][t] for t in ens.targets]),
+                                         np.array([dist["spread_norm"][t] for t in ens.targets]),
+                                         float(dist["distance_norm"]),
+                                         np.array([local["weight"][t] for t in ens.targets]) if local else None,
+                                         np.array([local["norm"][t] for t in ens.targets]) if local else None)
                 if local and ens.distance.errors is None:
                     raise CgnnError(f"{path / dist['reference']}: the calibration uses the local training error, "
                                     "but the latent reference holds no errors; rerun `cgnn train --out RUN --resume`")
@@ -514,7 +478,7 @@ class Ensemble:
             return Prediction(self.targets, mean, prob=prob, members=members)
         raw = members.std(axis=0)
         dist, local = self.distance.query(feats) if want else (None, None)
-        return Prediction(self.targets, mean, self.std_model.std(raw, dist, local, mean), raw, prob, members, dist, local)
+        return Prediction(self.targets, mean, self.std_model.std(raw, dist, local), raw, prob, members, dist, local)
 
     def latent_reference(self, packed, indices, batch_size: int = 512, device: str | torch.device = "cpu",
                          backend: str = "auto", errors: bool = False) -> LatentDistance:
@@ -654,17 +618,12 @@ def std_formula(calib: dict) -> str:
         return "scale[target] x population std (ddof 0) of the member predictions, in the target's unit"
     words = ("spread = population std (ddof 0) of the member predictions, distance = mean distance to the "
              f"{LatentDistance.__name__} reference in the members' graph-feature spaces")
-    shares, terms = ["weight"], ["weight (spread_norm x distance / distance_norm)^2"]
-    if "local_error" in calib["distance"]:
-        shares.append("local_error.weight")
-        terms.append("local_error.weight (spread_norm x local / local_error.norm)^2")
-        words += ", local = mean absolute training error of the same nearest reference crystals"
-    if "relative" in calib["distance"]:
-        shares.append("relative.weight")
-        terms.append("relative.weight (spread_norm x |mean| / relative.norm)^2")
-        words += ", mean = the ensemble's prediction"
-    return (f"scale[target] x sqrt((1 - {' - '.join(shares)}) spread^2 + {' + '.join(terms)}): " + words
-            + "; in the target's unit")
+    if "local_error" not in calib["distance"]:
+        return ("scale[target] x sqrt((1 - weight) spread^2 + weight (spread_norm x distance / distance_norm)^2): "
+                + words + "; in the target's unit")
+    return ("scale[target] x sqrt((1 - weight - local_error.weight) spread^2 + weight (spread_norm x distance / "
+            "distance_norm)^2 + local_error.weight (spread_norm x local / local_error.norm)^2): " + words
+            + ", local = mean absolute training error of the same nearest reference crystals; in the target's unit")
 
 
 def std_note(info: dict) -> str:
@@ -701,9 +660,8 @@ def calibrate_ensemble(run_dir, cfg, packed) -> dict:
         pred = ens.predict(packed, val, bs, device, cfg.train.backend)
         masks = [packed.y_mask[val, c] for c in cols]
         trues = [packed.y[val, c][m] for c, m in zip(cols, masks)]
-        std_model = fit_std_model(pred, trues, masks, 0.95, relative=cfg.train.relative_uncertainty,
-                                  likelihood=cfg.train.std_likelihood)
-        std = std_model.std_of(pred)
+        std_model = fit_std_model(pred, trues, masks, 0.95)
+        std = std_model.std(pred.std_raw, pred.distance, pred.local_error)
         for k, t in enumerate(ens.targets):
             m, true = masks[k], trues[k]
             mean, raw = pred.mean[m, k], pred.std_raw[m, k]
@@ -716,17 +674,12 @@ def calibrate_ensemble(run_dir, cfg, packed) -> dict:
             calib["distance"] = {
                 "reference": LATENT_REFERENCE, "n_reference": int(len(ens.distance.refs[0][2])),
                 "neighbours": ens.distance.k, "distance_norm": std_model.distance_norm,
-                "shares_fitted_by": f"{cfg.train.std_likelihood} likelihood on val",
                 "weight": {t: float(std_model.weight[k]) for k, t in enumerate(ens.targets)},
                 "spread_norm": {t: float(std_model.spread_norm[k]) for k, t in enumerate(ens.targets)}}
             if pred.local_error is not None:
                 calib["distance"]["local_error"] = {
                     "weight": {t: float(std_model.local_weight[k]) for k, t in enumerate(ens.targets)},
                     "norm": {t: float(std_model.local_norm[k]) for k, t in enumerate(ens.targets)}}
-            if std_model.relative_weight is not None:
-                calib["distance"]["relative"] = {
-                    "weight": {t: float(std_model.relative_weight[k]) for k, t in enumerate(ens.targets)},
-                    "norm": {t: float(std_model.relative_norm[k]) for k, t in enumerate(ens.targets)}}
     else:
         log.warning("no validation split: the ensemble std is left uncalibrated (scale 1)")
         calib["scale"] = dict.fromkeys(ens.targets, 1.0)

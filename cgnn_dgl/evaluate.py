@@ -329,8 +329,6 @@ def evaluate_run(run_dir, cache: str | None = None, split: str = "test", out: st
                 metrics["uncertainty"][name]["distance_weight"] = float(ens.std_model.weight[k])
                 if ens.std_model.local_weight is not None:  # train.local_error_uncertainty
                     metrics["uncertainty"][name]["local_error_weight"] = float(ens.std_model.local_weight[k])
-                if ens.std_model.relative_weight is not None:  # train.relative_uncertainty
-                    metrics["uncertainty"][name]["relative_weight"] = float(ens.std_model.relative_weight[k])
         metrics["members"] = len(ens)
     if parts is not None:
         add_mean_baseline(metrics, mcfg.targets, packed.y[parts["train"]][:, cols],

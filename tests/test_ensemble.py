@@ -169,12 +169,10 @@ def test_latent_distance_ignores_units_and_order_of_the_features(feats, a, b, pe
 # local training error (train.local_error_uncertainty): the third term of the std
 
 
-@pytest.mark.parametrize("likelihood", ["gaussian", "laplace"])
 @pytest.mark.parametrize("shares", [(0.0, 0.0), (0.0, 0.6), (0.3, 0.4)])
-def test_shares_recover_the_sources_of_the_errors(shares, likelihood):
+def test_shares_recover_the_sources_of_the_errors(shares):
     """Errors drawn with variance (1 - w - v) spread² + w d² + v r² (independent terms in one unit): the
-    fitted shares come back (by either likelihood: both find the shape of a scale family), and on fresh
-    data the fitted std covers 95% and ranks like the truth."""
+    fitted shares come back, and on fresh data the fitted std covers 95% and ranks like the truth."""
     w, v = shares
 
     def draw(rng, n):
@@ -187,7 +185,7 @@ def test_shares_recover_the_sources_of_the_errors(shares, likelihood):
 
     mean, spread, distance, local, true, _ = draw(np.random.default_rng(3), 8000)
     pred = Prediction(("t",), mean[:, None], std_raw=spread[:, None], distance=distance, local_error=local[:, None])
-    model = fit_std_model(pred, [true], [np.ones(len(true), bool)], likelihood=likelihood)
+    model = fit_std_model(pred, [true], [np.ones(len(true), bool)])
     assert model.weight[0] == pytest.approx(w, abs=0.08)
     assert model.local_weight[0] == pytest.approx(v, abs=0.08)
     m2, s2, d2, l2, t2, sigma2 = draw(np.random.default_rng(4), 20000)
@@ -224,64 +222,6 @@ def test_local_error_is_the_mean_error_of_the_nearest(feats, errors, unlabelled,
             ref_mean = np.nanmean(errors[:7, t]) if (~np.isnan(errors[:7, t])).any() else 0.0
             expect = e.mean() if e.size else ref_mean
             assert local[i, t] == pytest.approx(expect, rel=1e-4, abs=1e-5)
-
-
-@pytest.mark.parametrize("u", [0.0, 0.5])
-def test_relative_share_is_recovered_and_ranks_errors_that_grow_with_the_value(u):
-    """Errors with variance (1 - u) spread² + u (a |mean|)²: the fitted share of the |mean| term comes
-    back; when the errors grow with the value, the fitted std ranks them far better than without it."""
-    def draw(rng, n):
-        spread, distance = rng.uniform(0.1, 2.0, n), rng.uniform(0.5, 5.0, n)
-        mean = rng.exponential(1.0, n) * rng.choice([0.0, 1.0], n, p=[0.7, 0.3]) + 1e-3  # mostly ~0: gaps
-        r = mean / mean.mean() * spread.mean()
-        sigma = np.sqrt((1 - u) * spread ** 2 + u * r ** 2)
-        return mean, spread, distance, mean + rng.normal(size=n) * sigma, sigma
-
-    mean, spread, distance, true, _ = draw(np.random.default_rng(5), 8000)
-    pred = Prediction(("t",), mean[:, None], std_raw=spread[:, None], distance=distance)
-    model = fit_std_model(pred, [true], [np.ones(len(true), bool)], relative=True)
-    assert model.relative_weight[0] == pytest.approx(u, abs=0.08)
-    assert model.weight[0] == pytest.approx(0.0, abs=0.08)
-    plain = fit_std_model(pred, [true], [np.ones(len(true), bool)])
-    assert plain.relative_weight is None
-    m2, s2, d2, t2, sigma2 = draw(np.random.default_rng(6), 20000)
-    p2 = Prediction(("t",), m2[:, None], std_raw=s2[:, None], distance=d2)
-    std, std_plain = model.std_of(p2)[:, 0], plain.std_of(p2)[:, 0]
-    assert (std >= 0).all()
-    assert abs(interval_coverage(m2, std, t2, Z95) - 0.95) < 0.01
-    rho = spearman(np.abs(t2 - m2), std)
-    if u:
-        assert rho > spearman(np.abs(t2 - m2), std_plain) + 0.1
-    assert np.corrcoef(std, sigma2)[0, 1] > 0.98
-
-
-def test_laplace_fit_recovers_the_shape_of_heavy_tailed_errors():
-    """Errors sigma x Student-t (2 degrees of freedom: a few errors ten times the typical one), sigma from
-    spread and distance in equal shares: the Laplace fit finds the shares; an unknown likelihood is refused."""
-    from cgnn_dgl.errors import UsageError
-
-    rng = np.random.default_rng(7)
-    n = 50000
-    spread, distance = rng.uniform(0.1, 2.0, n), rng.uniform(0.5, 5.0, n)
-    d = distance / distance.mean() * spread.mean()
-    sigma = np.sqrt(0.5 * spread ** 2 + 0.5 * d ** 2)
-    mean = rng.normal(size=n)
-    true = mean + sigma * rng.standard_t(2, n)
-    pred = Prediction(("t",), mean[:, None], std_raw=spread[:, None], distance=distance)
-    model = fit_std_model(pred, [true], [np.ones(n, bool)], likelihood="laplace")
-    assert model.weight[0] == pytest.approx(0.5, abs=0.05)  # (the Gaussian fit: 0.45-0.73 over seeds 7-11)
-    with pytest.raises(UsageError, match="likelihood"):
-        fit_std_model(pred, [true], [np.ones(n, bool)], likelihood="cauchy")
-
-
-def test_relative_uncertainty_needs_the_distance():
-    from cgnn_dgl.config import TrainConfig
-    from cgnn_dgl.errors import UsageError
-
-    with pytest.raises(UsageError, match="relative_uncertainty needs distance_uncertainty"):
-        TrainConfig(relative_uncertainty=True).validate()
-    with pytest.raises(UsageError, match="std_likelihood"):
-        TrainConfig(std_likelihood="normal").validate()
 
 
 def test_local_error_needs_the_distance():
@@ -473,15 +413,14 @@ def test_local_error_uncertainty_end_to_end(ensemble_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(root / "run", run)
     d = cfg.to_dict()
-    d["train"].update(distance_uncertainty=True, local_error_uncertainty=True, relative_uncertainty=True,
-                      distance_reference=60)
+    d["train"].update(distance_uncertainty=True, local_error_uncertainty=True, distance_reference=60)
     packed = load_packed(root / "cache")
     info = calibrate_ensemble(run, RunConfig.from_dict(d), packed)
     dist = info["calibration"]["distance"]
-    local, rel = dist["local_error"], dist["relative"]
-    assert "local" in info["std"] and "|mean|" in info["std"] and set(local["weight"]) == set(TARGETS4)
-    assert all(min(dist["weight"][t], local["weight"][t], rel["weight"][t]) >= 0.0
-               and dist["weight"][t] + local["weight"][t] + rel["weight"][t] <= 1.0 for t in TARGETS4)
+    local = dist["local_error"]
+    assert "local" in info["std"] and set(local["weight"]) == set(TARGETS4)
+    assert all(dist["weight"][t] >= 0.0 and local["weight"][t] >= 0.0 and dist["weight"][t] + local["weight"][t] <= 1.0
+               for t in TARGETS4)
     ens = Ensemble.load(run)
     errors = ens.distance.errors
     assert errors.shape == (60, 4)
@@ -498,20 +437,16 @@ def test_local_error_uncertainty_end_to_end(ensemble_run, tmp_path):
     v = np.array([local["weight"][t] for t in TARGETS4])
     norm = np.array([dist["spread_norm"][t] for t in TARGETS4])
     l_norm = np.array([local["norm"][t] for t in TARGETS4])
-    u = np.array([rel["weight"][t] for t in TARGETS4])
-    r_norm = np.array([rel["norm"][t] for t in TARGETS4])
     scale = np.array([info["calibration"]["scale"][t] for t in TARGETS4])
     term_d = (res.distance / dist["distance_norm"])[:, None] * norm
     term_r = res.local_error / l_norm * norm
-    term_m = np.abs(res.mean) / r_norm * norm
-    np.testing.assert_allclose(res.std, scale * np.sqrt((1 - w - v - u) * res.std_raw ** 2 + w * term_d ** 2
-                                                        + v * term_r ** 2 + u * term_m ** 2), rtol=1e-9)
+    np.testing.assert_allclose(res.std, scale * np.sqrt((1 - w - v) * res.std_raw ** 2 + w * term_d ** 2
+                                                        + v * term_r ** 2), rtol=1e-9)
     r = _cli("evaluate", "--run", str(run), "--out", str(tmp_path / "ev"), "--split", "val", "--cache", str(root / "cache"))
     assert r.returncode == 0, r.stderr
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     for t in TARGETS4:
         assert metrics["uncertainty"][t]["local_error_weight"] == pytest.approx(local["weight"][t])
-        assert metrics["uncertainty"][t]["relative_weight"] == pytest.approx(rel["weight"][t])
         if info["calibration"]["n"][t]:
             assert metrics["uncertainty"][t]["coverage_95"] == pytest.approx(info["calibration"]["coverage_95"][t])
     json_in = tmp_path / "in.json"
