@@ -131,11 +131,11 @@ class ValenceFlags(nn.Module):
     def forward(self, z: Tensor, atom_crystal: Tensor, n_crystals: int) -> Tensor:
         if self._states is None:
             table = self.valence_table.cpu()
-            entry = self._shared.get(table.numpy().tobytes())
+            key = table.numpy().tobytes()
+            entry = self._shared.get(key)
             if entry is None:
                 rows = table.tolist()
-                entry = ({s: decode_states(rows[s]) for s in range(N_SPECIES)}, {})
-                self._shared[table.numpy().tobytes()] = entry
+                entry = self._shared[key] = ({s: decode_states(rows[s]) for s in range(N_SPECIES)}, {})
             self._states, self._cache = entry
         idx = species_index(z).cpu()
         crystal = atom_crystal.cpu()
