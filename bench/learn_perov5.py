@@ -159,7 +159,7 @@ def train_member(packed, split, cfg, run_dir) -> dict:
         if json.dumps(_comparable(old), sort_keys=True, default=str) != json.dumps(
                 _comparable(cfg.to_dict()), sort_keys=True, default=str):
             raise SystemExit(f"{run_dir} holds a model trained with another config; choose another --out")
-    trainer = Trainer(cfg, run_dir, packed, member_split(split, cfg.train), resume_state=state)
+    trainer = Trainer(cfg, run_dir, packed, member_split(split, cfg.train, packed), resume_state=state)
     if state is not None and trainer.epoch >= cfg.train.epochs:
         summary = {"epochs": trainer.epoch, "best_epoch": trainer.best_epoch, "best_score": trainer.best_score}
     else:
@@ -186,11 +186,14 @@ def row_config(row: str, args, base: dict):
     return RunConfig.from_dict(data)
 
 
-def member_seed_config(cfg, k: int, run_dir: Path):
+def member_seed_config(cfg, k: int, run_dir: Path, n: int):
+    """Member k of ``n``: seed ``seed + k`` (and, with ``train.crossfit``, fold k of n left out)."""
     from cgnn_dgl.config import RunConfig
 
     d = cfg.to_dict()
     d["train"].update(seed=cfg.train.seed + k, out_dir=str(run_dir))
+    if cfg.train.crossfit:
+        d["train"].update(crossfit_fold=k, crossfit_folds=n)
     return RunConfig.from_dict(d)
 
 
@@ -235,7 +238,7 @@ def score_row(packed, split, members: list[Path], cfg) -> dict:
     """Test (and val) metrics of the mean of ``members``; with several, the std model is fitted on val
     (:func:`cgnn_dgl.ensemble.fit_std_model`, with the latent distance when
     ``train.distance_uncertainty``) and scored on test."""
-    from cgnn_dgl.ensemble import Ensemble, fit_std_model, reference_sample
+    from cgnn_dgl.ensemble import Ensemble, fit_std_model, reference_holdout, reference_sample
     from cgnn_dgl.train import target_columns
 
     ens = Ensemble.load_members(members[0].parent.parent, [f"{m.parent.name}/{m.name}" for m in members])
@@ -243,7 +246,8 @@ def score_row(packed, split, members: list[Path], cfg) -> dict:
     val, test, train = split["val"], split["test"], split["train"]
     if ens.is_ensemble and cfg.train.distance_uncertainty:
         ref = reference_sample(train, cfg.train.distance_reference, cfg.train.seed)
-        ens.distance = ens.latent_reference(packed, ref, errors=cfg.train.local_error_uncertainty)
+        ens.distance = ens.latent_reference(packed, ref, errors=cfg.train.local_error_uncertainty,
+                                            holdout=reference_holdout(packed, train, ref, cfg.train, len(members)))
     pv, pt = ens.predict(packed, val), ens.predict(packed, test)
     std_v = std_t = model = None
     if ens.is_ensemble:
@@ -276,12 +280,12 @@ def run_row(packed, split, row: str, args, base: dict) -> dict:
             if k < n:
                 d = family / f"member_{k}"
                 print(f"[{row}] member {k + 1}/{n} in {d}", flush=True)
-                train_member(packed, split, member_seed_config(cfg, k, d), d)
+                train_member(packed, split, member_seed_config(cfg, k, d, n), d)
         return {}
     for k in range(n):
         d = family / f"member_{k}"
         print(f"[{row}] member {k + 1}/{n} in {d}", flush=True)
-        summaries.append(train_member(packed, split, member_seed_config(cfg, k, d), d))
+        summaries.append(train_member(packed, split, member_seed_config(cfg, k, d, n), d))
         members.append(d / "best.pt")
     res = {"row": row, "members": n, "seeds": [cfg.train.seed + k for k in range(n)],
            "config": cfg.to_dict(), "command": args.command, "date": time.strftime("%Y-%m-%d %H:%M"),

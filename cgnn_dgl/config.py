@@ -448,6 +448,13 @@ class TrainConfig:
     # ensembles (cgnn_dgl/ensemble.py): N members with seeds seed, seed+1, ... in RUN/member_k/
     ensemble: int = 1
     bootstrap: bool = False  # train on a bootstrap resample of the training split (drawn from the seed)
+    # Cross-fitting: member k of N leaves out fold k of N of the training split (folds grouped by reduced
+    # formula, drawn from split_seed), so every training crystal has one member that never saw it. The
+    # local training error of the std (local_error_uncertainty) is then that member's out-of-fold error,
+    # an honest error, instead of the ensemble's in-sample one, which is small wherever it memorised.
+    crossfit: bool = False
+    crossfit_fold: int = -1  # set per member by the ensemble: the fold this model leaves out (-1: none)
+    crossfit_folds: int = 0  # set per member by the ensemble: the number of folds (its ensemble size)
     # Latent-distance term in the ensemble std: the mean distance of a crystal's graph features to its 5
     # nearest training crystals (a sample of distance_reference of them), per member, mixed with the member
     # spread in a proportion fitted on val (Gaussian likelihood). Far from the training data the
@@ -507,6 +514,12 @@ class TrainConfig:
             bad(f"milestones must not be empty with scheduler {self.scheduler}")
         if self.ensemble < 1 or self.workers < 1:
             bad(f"ensemble and workers must be >= 1 (got {self.ensemble}, {self.workers})")
+        if self.crossfit and self.crossfit_fold < 0 and self.ensemble < 2:
+            bad("crossfit needs train.ensemble >= 2 (member k leaves out fold k of the ensemble size)")
+        if self.crossfit and self.bootstrap:
+            bad("crossfit and bootstrap are two ways to leave data out of a member; choose one")
+        if self.crossfit_fold >= 0 and not 0 <= self.crossfit_fold < self.crossfit_folds:
+            bad(f"crossfit_fold {self.crossfit_fold} is not one of the {self.crossfit_folds} folds")
         if self.warmup_epochs < 0:
             bad(f"warmup_epochs must be >= 0 (got {self.warmup_epochs})")
         if self.patience < 0 or self.clip_value < 0 or self.weight_decay < 0:

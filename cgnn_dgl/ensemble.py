@@ -481,10 +481,12 @@ class Ensemble:
         return Prediction(self.targets, mean, self.std_model.std(raw, dist, local), raw, prob, members, dist, local)
 
     def latent_reference(self, packed, indices, batch_size: int = 512, device: str | torch.device = "cpu",
-                         backend: str = "auto", errors: bool = False) -> LatentDistance:
+                         backend: str = "auto", errors: bool = False,
+                         holdout: np.ndarray | None = None) -> LatentDistance:
         """The :class:`LatentDistance` reference of the crystals ``indices`` (a training sample): each
         member's graph features; with ``errors`` also the ensemble mean's absolute error on them per target
-        (NaN where unlabelled), for the local training error."""
+        (NaN where unlabelled), for the local training error. With ``holdout`` (per crystal, the member
+        that did not train on it: ``train.crossfit``) the error is that member's, out of fold."""
         from cgnn_dgl.predict import predict_packed_features
         from cgnn_dgl.train import target_columns
 
@@ -493,7 +495,11 @@ class Ensemble:
         if errors:
             idx = np.arange(len(packed)) if indices is None else np.asarray(indices, dtype=np.int64)
             cols = target_columns(self.targets, packed.targets)
-            mean = np.mean([o[0] for o in outs], axis=0)
+            if holdout is None:
+                mean = np.mean([o[0] for o in outs], axis=0)
+            else:
+                holdout = np.asarray(holdout, dtype=np.int64)
+                mean = np.stack([o[0] for o in outs])[holdout, np.arange(len(idx))]
             err = np.where(packed.y_mask[idx][:, cols], np.abs(mean - packed.y[idx][:, cols]), np.nan)
         return LatentDistance.from_features([o[2] for o in outs], errors=err)
 
@@ -527,6 +533,8 @@ def member_config(cfg, k: int, run_dir: Path, workers: int = 1):
 
     d = cfg.to_dict()
     d["train"].update(ensemble=1, seed=cfg.train.seed + k, out_dir=str(member_dir(run_dir, k)), workers=1)
+    if cfg.train.crossfit:
+        d["train"].update(crossfit_fold=k, crossfit_folds=int(cfg.train.ensemble))
     if workers > 1:
         d["train"]["progress"] = False  # bars of parallel processes would interleave
         if cfg.train.num_threads <= 0:
@@ -546,6 +554,30 @@ def bootstrap_indices(train_idx: np.ndarray, seed: int) -> np.ndarray:
     """A bootstrap resample (with replacement, same size) of the training indices, drawn from ``seed``."""
     rng = np.random.default_rng([int(seed), 0xB0075])
     return np.sort(rng.choice(np.asarray(train_idx), size=len(train_idx), replace=True))
+
+
+def crossfit_folds(train_idx: np.ndarray, formulas: list[str], n_folds: int, seed: int) -> np.ndarray:
+    """The fold (0 .. n_folds-1) of each of ``train_idx`` (``formulas``: their reduced formulas, aligned):
+    the distinct formulas, shuffled from ``seed``, are dealt round-robin, so the polymorphs of a formula
+    share a fold and a member that leaves the fold out has seen none of them."""
+    train_idx = np.asarray(train_idx, dtype=np.int64)
+    if len(formulas) != len(train_idx):
+        raise ValueError(f"{len(formulas)} formulas for {len(train_idx)} training crystals")
+    distinct = sorted(set(formulas))
+    order = np.random.default_rng([int(seed), 0xC805F17]).permutation(len(distinct))
+    fold_of = {distinct[j]: i % n_folds for i, j in enumerate(order)}
+    return np.array([fold_of[f] for f in formulas], dtype=np.int64)
+
+
+def train_folds(packed, train_idx: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
+    """:func:`crossfit_folds` of the training crystals ``train_idx`` of ``packed``."""
+    import warnings
+
+    with warnings.catch_warnings():  # pymatgen warns about noble-gas electronegativities
+        warnings.simplefilter("ignore")
+        formulas = packed.formulas()
+    train_idx = np.asarray(train_idx, dtype=np.int64)
+    return crossfit_folds(train_idx, [formulas[i] for i in train_idx], n_folds, seed)
 
 
 def _train_member(cfg, run_dir: str) -> dict:
@@ -631,6 +663,19 @@ def std_note(info: dict) -> str:
     return info.get("std", "") + "; " + STD_INTERVAL_NOTE
 
 
+def reference_holdout(packed, train_idx: np.ndarray, ref_idx: np.ndarray, t,
+                      n_folds: int | None = None) -> np.ndarray | None:
+    """With ``train.crossfit``: for each reference crystal ``ref_idx`` (a subset of ``train_idx``) the member
+    that left its fold out (``n_folds``, the ensemble size by default); otherwise None (the ensemble's
+    in-sample error is used)."""
+    if not t.crossfit:
+        return None
+    train_idx = np.asarray(train_idx, dtype=np.int64)
+    folds = train_folds(packed, train_idx, int(n_folds or t.ensemble), t.split_seed)
+    order = np.argsort(train_idx, kind="stable")
+    return folds[order[np.searchsorted(train_idx[order], np.asarray(ref_idx, dtype=np.int64))]]
+
+
 def calibrate_ensemble(run_dir, cfg, packed) -> dict:
     """Fit one std scale per target on the validation split and write ``ensemble.json``."""
     from cgnn_dgl.rundir import SPLIT, resolve_device
@@ -654,7 +699,8 @@ def calibrate_ensemble(run_dir, cfg, packed) -> dict:
     if len(val) and cfg.train.distance_uncertainty:
         ref_idx = reference_sample(parts["train"], cfg.train.distance_reference, cfg.train.seed)
         ens.distance = ens.latent_reference(packed, ref_idx, bs, device, cfg.train.backend,
-                                            errors=cfg.train.local_error_uncertainty)
+                                            errors=cfg.train.local_error_uncertainty,
+                                            holdout=reference_holdout(packed, parts["train"], ref_idx, cfg.train))
         ens.distance.save(run_dir / LATENT_REFERENCE)
     if len(val):
         pred = ens.predict(packed, val, bs, device, cfg.train.backend)
@@ -689,6 +735,7 @@ def calibrate_ensemble(run_dir, cfg, packed) -> dict:
         "members": members,
         "seeds": [cfg.train.seed + k for k in range(n)],
         "bootstrap": bool(cfg.train.bootstrap),
+        "crossfit": bool(cfg.train.crossfit),
         "targets": list(ens.targets),
         "units": {t: u for t, u in packed.units.items() if t in ens.targets},
         "std": std_formula(calib),

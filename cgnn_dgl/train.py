@@ -670,14 +670,24 @@ def constant_targets(packed, train_idx: np.ndarray, names) -> dict[str, float]:
     return out
 
 
-def member_split(split: dict[str, np.ndarray], t: TrainConfig) -> dict[str, np.ndarray]:
+def member_split(split: dict[str, np.ndarray], t: TrainConfig, packed=None) -> dict[str, np.ndarray]:
     """The split one model trains on: with ``train.bootstrap`` its training part is resampled from the
-    seed (so a resumed run draws the same sample); otherwise ``split`` itself."""
-    if not t.bootstrap:
-        return split
-    from cgnn_dgl.ensemble import bootstrap_indices
+    seed (so a resumed run draws the same sample); with ``train.crossfit_fold`` (an ensemble member of a
+    ``train.crossfit`` run) that fold of the training part, grouped by formula, is left out (``packed``
+    gives the formulas); otherwise ``split`` itself."""
+    if t.bootstrap:
+        from cgnn_dgl.ensemble import bootstrap_indices
 
-    return dict(split, train=bootstrap_indices(split["train"], t.seed))
+        return dict(split, train=bootstrap_indices(split["train"], t.seed))
+    if t.crossfit_fold >= 0:
+        from cgnn_dgl.ensemble import train_folds
+
+        if packed is None:
+            raise ValueError("member_split: a crossfit member needs the cache (its formulas)")
+        train = np.asarray(split["train"], dtype=np.int64)
+        keep = train_folds(packed, train, t.crossfit_folds, t.split_seed) != t.crossfit_fold
+        return dict(split, train=train[keep])
+    return split
 
 
 def train_run(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
@@ -704,7 +714,7 @@ def train_run(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict
             cfg.save(run_dir / CONFIG)
         dist.barrier()
         packed, split, state = prepare_run(cfg, run_dir, resume, dist)
-        split = member_split(split, cfg.train)
+        split = member_split(split, cfg.train, packed)
         dist.barrier()
         if dist.main:
             log.info("run %s: %d train / %d val / %d test crystals, targets %s, device %s%s", run_dir,
