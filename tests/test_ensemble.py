@@ -110,6 +110,22 @@ def test_bootstrap_is_a_seeded_resample():
     assert len(a) == len(idx) and set(a) <= set(idx) and len(set(a)) < len(idx)  # with replacement
 
 
+@given(st.lists(st.sampled_from([f"A{i}B" for i in range(30)]), min_size=1, max_size=120),
+       st.integers(2, 12), st.integers(0, 2 ** 31 - 1))
+def test_crossfit_folds_group_formulas_and_balance_them(formulas, n_folds, seed):
+    from cgnn_dgl.ensemble import crossfit_folds
+
+    idx = np.arange(len(formulas)) * 3 + 7
+    folds = crossfit_folds(idx, formulas, n_folds, seed)
+    assert folds.shape == (len(formulas),) and ((folds >= 0) & (folds < n_folds)).all()
+    np.testing.assert_array_equal(folds, crossfit_folds(idx, formulas, n_folds, seed))  # seeded
+    fold_of: dict[str, int] = {}
+    for f, k in zip(formulas, folds):
+        assert fold_of.setdefault(f, int(k)) == k  # a formula's polymorphs share one fold
+    per_fold = np.bincount(list(fold_of.values()), minlength=n_folds)
+    assert per_fold.max() - per_fold.min() <= 1  # distinct formulas dealt round-robin
+
+
 # --------------------------------------------------------------------------------------------------
 # latent-distance term of the std (train.distance_uncertainty): synthetic data with a known answer
 
@@ -460,6 +476,42 @@ def test_local_error_uncertainty_end_to_end(ensemble_run, tmp_path):
     ens.distance.save(run / LATENT_REFERENCE)
     with pytest.raises(CgnnError, match="holds no errors"):
         Ensemble.load(run)
+
+
+def test_crossfit_ensemble_stores_out_of_fold_errors(tmp_path, dev_corpus):
+    """train.crossfit: member k's config leaves out fold k, it trains on the rest of the training split,
+    and the latent reference's error of each training crystal is the error of the member that never saw
+    it, not the ensemble mean's."""
+    from cgnn_dgl.cache import load_packed
+    from cgnn_dgl.config import load_run_config
+    from cgnn_dgl.ensemble import reference_sample, train_ensemble, train_folds
+    from cgnn_dgl.split import load_split
+
+    rows = usable_rows(dev_corpus, 160, sources=("perov_val",))
+    cache = write_cache(tmp_path / "cache", rows, seed=2)
+    run = tmp_path / "run"
+    cfg = tiny_config(cache, run, epochs=1, ensemble=2, crossfit=True, distance_uncertainty=True,
+                      local_error_uncertainty=True, distance_reference=50)
+    train_ensemble(cfg, run)
+    info = json.loads((run / ENSEMBLE_JSON).read_text())
+    assert info["crossfit"] is True
+    packed = load_packed(cache)
+    train_idx = load_split(run / "split.json", packed.entry_id, packed.names)["train"]
+    for k in range(2):
+        member = load_run_config(run / f"member_{k}" / "config.yaml", check_files=False)
+        assert (member.train.crossfit_fold, member.train.crossfit_folds) == (k, 2)
+    ens = Ensemble.load(run)
+    ref_idx = reference_sample(train_idx, 50, cfg.train.seed)
+    folds = train_folds(packed, train_idx, 2, cfg.train.split_seed)[np.searchsorted(train_idx, ref_idx)]
+    assert set(folds) == {0, 1}
+    per_member = ens.predict(packed, ref_idx).members  # (2, n, T)
+    oof = per_member[folds, np.arange(len(ref_idx))]
+    labelled = packed.y_mask[ref_idx][:, :4]
+    errors = ens.distance.errors
+    np.testing.assert_array_equal(np.isnan(errors), ~labelled)
+    np.testing.assert_allclose(errors[labelled], np.abs(oof - packed.y[ref_idx][:, :4])[labelled], rtol=1e-4, atol=1e-5)
+    in_sample = np.abs(per_member.mean(0) - packed.y[ref_idx][:, :4])
+    assert not np.allclose(errors[labelled], in_sample[labelled], rtol=1e-3)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -573,6 +573,43 @@ def test_member_split_bootstraps_only_the_training_part():
     assert a["val"] is split["val"] and a["test"] is split["test"]
 
 
+@pytest.mark.filterwarnings("ignore:No Pauling electronegativity")
+def test_member_split_crossfit_leaves_out_its_fold(cache):
+    """train.crossfit: member k trains on the training part minus fold k; the folds partition the training
+    part, group it by formula, and val / test are untouched."""
+    from cgnn_dgl.ensemble import train_folds
+    from cgnn_dgl.train import load_cache, member_split
+
+    packed = load_cache(cache)
+    formulas = packed.formulas()
+    split = {"train": np.arange(40, len(packed)), "val": np.arange(20), "test": np.arange(20, 40)}
+    left_out = []
+    for k in range(3):
+        part = member_split(split, TrainConfig(crossfit_fold=k, crossfit_folds=3), packed)
+        assert part["val"] is split["val"] and part["test"] is split["test"]
+        out = np.setdiff1d(split["train"], part["train"])
+        assert set(part["train"]) <= set(split["train"]) and len(out) > 0
+        assert not {formulas[i] for i in out} & {formulas[i] for i in part["train"]}  # no formula on both sides
+        left_out.append(out)
+    np.testing.assert_array_equal(np.sort(np.concatenate(left_out)), split["train"])  # a partition
+    folds = train_folds(packed, split["train"], 3, TrainConfig().split_seed)
+    for k in range(3):
+        np.testing.assert_array_equal(left_out[k], split["train"][folds == k])
+    with pytest.raises(ValueError, match="needs the cache"):
+        member_split(split, TrainConfig(crossfit_fold=0, crossfit_folds=3))
+
+
+def test_crossfit_config_is_checked():
+    with pytest.raises(UsageError, match=r"crossfit needs train\.ensemble >= 2"):
+        TrainConfig(crossfit=True).validate()
+    with pytest.raises(UsageError, match="choose one"):
+        TrainConfig(crossfit=True, bootstrap=True, ensemble=3).validate()
+    with pytest.raises(UsageError, match="is not one of the 3 folds"):
+        TrainConfig(crossfit_fold=3, crossfit_folds=3).validate()
+    TrainConfig(crossfit=True, ensemble=3).validate()
+    TrainConfig(crossfit=True, crossfit_fold=2, crossfit_folds=3).validate()  # a member's own config
+
+
 def test_a_lone_last_training_batch_is_dropped(cache, tmp_path):
     """33 training crystals at batch 32 (and precise batch norm in batches of 16) leave a batch of one
     crystal, which batch norm cannot normalise in training mode: that crystal sits the epoch out."""
