@@ -192,8 +192,10 @@ def member_seed_config(cfg, k: int, run_dir: Path, n: int):
 
     d = cfg.to_dict()
     d["train"].update(seed=cfg.train.seed + k, out_dir=str(run_dir))
-    if cfg.train.crossfit:
-        d["train"].update(crossfit_fold=k, crossfit_folds=n)
+    if cfg.train.crossfit and n >= 2:
+        from cgnn_dgl.ensemble import n_crossfit_folds
+
+        d["train"].update(crossfit_fold=k, crossfit_folds=n_crossfit_folds(cfg.train, n))
     return RunConfig.from_dict(d)
 
 

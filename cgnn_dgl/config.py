@@ -453,8 +453,10 @@ class TrainConfig:
     # local training error of the std (local_error_uncertainty) is then that member's out-of-fold error,
     # an honest error, instead of the ensemble's in-sample one, which is small wherever it memorised.
     crossfit: bool = False
+    # the number of folds F (0: the ensemble size N); with F > N member k still leaves out fold k only, so
+    # each member trains on (F-1)/F of the data and folds N .. F-1 are seen by every member
+    crossfit_folds: int = 0
     crossfit_fold: int = -1  # set per member by the ensemble: the fold this model leaves out (-1: none)
-    crossfit_folds: int = 0  # set per member by the ensemble: the number of folds (its ensemble size)
     # Latent-distance term in the ensemble std: the mean distance of a crystal's graph features to its 5
     # nearest training crystals (a sample of distance_reference of them), per member, mixed with the member
     # spread in a proportion fitted on val (Gaussian likelihood). Far from the training data the
@@ -518,8 +520,13 @@ class TrainConfig:
             bad("crossfit needs train.ensemble >= 2 (member k leaves out fold k of the ensemble size)")
         if self.crossfit and self.bootstrap:
             bad("crossfit and bootstrap are two ways to leave data out of a member; choose one")
+        if self.crossfit and self.crossfit_fold < 0 and 0 < self.crossfit_folds < self.ensemble:
+            bad(f"crossfit_folds {self.crossfit_folds} is smaller than the ensemble ({self.ensemble}): "
+                "each member needs a fold of its own")
         if self.crossfit_fold >= 0 and not 0 <= self.crossfit_fold < self.crossfit_folds:
             bad(f"crossfit_fold {self.crossfit_fold} is not one of the {self.crossfit_folds} folds")
+        if self.crossfit_fold >= 0 and self.crossfit_folds < 2:
+            bad(f"crossfit_folds must be >= 2 (got {self.crossfit_folds}): one fold would leave out all the data")
         if self.warmup_epochs < 0:
             bad(f"warmup_epochs must be >= 0 (got {self.warmup_epochs})")
         if self.patience < 0 or self.clip_value < 0 or self.weight_decay < 0:

@@ -486,7 +486,8 @@ class Ensemble:
         """The :class:`LatentDistance` reference of the crystals ``indices`` (a training sample): each
         member's graph features; with ``errors`` also the ensemble mean's absolute error on them per target
         (NaN where unlabelled), for the local training error. With ``holdout`` (per crystal, the member
-        that did not train on it: ``train.crossfit``) the error is that member's, out of fold."""
+        that did not train on it, or -1 for none: ``train.crossfit``) the error is that member's, out of
+        fold."""
         from cgnn_dgl.predict import predict_packed_features
         from cgnn_dgl.train import target_columns
 
@@ -499,7 +500,9 @@ class Ensemble:
                 mean = np.mean([o[0] for o in outs], axis=0)
             else:
                 holdout = np.asarray(holdout, dtype=np.int64)
-                mean = np.stack([o[0] for o in outs])[holdout, np.arange(len(idx))]
+                preds = np.stack([o[0] for o in outs])
+                mean = np.where((holdout >= 0)[:, None], preds[np.maximum(holdout, 0), np.arange(len(idx))],
+                                preds.mean(axis=0))
             err = np.where(packed.y_mask[idx][:, cols], np.abs(mean - packed.y[idx][:, cols]), np.nan)
         return LatentDistance.from_features([o[2] for o in outs], errors=err)
 
@@ -534,7 +537,7 @@ def member_config(cfg, k: int, run_dir: Path, workers: int = 1):
     d = cfg.to_dict()
     d["train"].update(ensemble=1, seed=cfg.train.seed + k, out_dir=str(member_dir(run_dir, k)), workers=1)
     if cfg.train.crossfit:
-        d["train"].update(crossfit_fold=k, crossfit_folds=int(cfg.train.ensemble))
+        d["train"].update(crossfit_fold=k, crossfit_folds=n_crossfit_folds(cfg.train))
     if workers > 1:
         d["train"]["progress"] = False  # bars of parallel processes would interleave
         if cfg.train.num_threads <= 0:
@@ -554,6 +557,11 @@ def bootstrap_indices(train_idx: np.ndarray, seed: int) -> np.ndarray:
     """A bootstrap resample (with replacement, same size) of the training indices, drawn from ``seed``."""
     rng = np.random.default_rng([int(seed), 0xB0075])
     return np.sort(rng.choice(np.asarray(train_idx), size=len(train_idx), replace=True))
+
+
+def n_crossfit_folds(t, n_members: int | None = None) -> int:
+    """The number of folds of a ``train.crossfit`` ensemble: ``train.crossfit_folds``, or its size."""
+    return int(t.crossfit_folds or n_members or t.ensemble)
 
 
 def crossfit_folds(train_idx: np.ndarray, formulas: list[str], n_folds: int, seed: int) -> np.ndarray:
@@ -664,14 +672,16 @@ def std_note(info: dict) -> str:
 
 
 def reference_holdout(packed, train_idx: np.ndarray, ref_idx: np.ndarray, t,
-                      n_folds: int | None = None) -> np.ndarray | None:
+                      n_members: int | None = None) -> np.ndarray | None:
     """With ``train.crossfit``: for each reference crystal ``ref_idx`` (a subset of ``train_idx``) the member
-    that left its fold out (``n_folds``, the ensemble size by default); otherwise None (the ensemble's
-    in-sample error is used)."""
+    that left its fold out, or -1 where every member saw it (folds past the ensemble size); ``n_members``
+    is the ensemble size (``train.ensemble`` by default). None without crossfit (in-sample errors)."""
     if not t.crossfit:
         return None
     train_idx = np.asarray(train_idx, dtype=np.int64)
-    folds = train_folds(packed, train_idx, int(n_folds or t.ensemble), t.split_seed)
+    n_members = int(n_members or t.ensemble)
+    folds = train_folds(packed, train_idx, n_crossfit_folds(t, n_members), t.split_seed)
+    folds = np.where(folds < n_members, folds, -1)
     order = np.argsort(train_idx, kind="stable")
     return folds[order[np.searchsorted(train_idx[order], np.asarray(ref_idx, dtype=np.int64))]]
 

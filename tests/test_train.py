@@ -606,6 +606,8 @@ def test_crossfit_config_is_checked():
         TrainConfig(crossfit=True, bootstrap=True, ensemble=3).validate()
     with pytest.raises(UsageError, match="is not one of the 3 folds"):
         TrainConfig(crossfit_fold=3, crossfit_folds=3).validate()
+    with pytest.raises(UsageError, match="would leave out all the data"):
+        TrainConfig(crossfit_fold=0, crossfit_folds=1).validate()
     TrainConfig(crossfit=True, ensemble=3).validate()
     TrainConfig(crossfit=True, crossfit_fold=2, crossfit_folds=3).validate()  # a member's own config
 
