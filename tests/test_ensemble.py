@@ -478,10 +478,13 @@ def test_local_error_uncertainty_end_to_end(ensemble_run, tmp_path):
         Ensemble.load(run)
 
 
-def test_crossfit_ensemble_stores_out_of_fold_errors(tmp_path, dev_corpus):
+@pytest.mark.filterwarnings("ignore:No Pauling electronegativity")
+@pytest.mark.parametrize("n_folds", [0, 3])
+def test_crossfit_ensemble_stores_out_of_fold_errors(tmp_path, dev_corpus, n_folds):
     """train.crossfit: member k's config leaves out fold k, it trains on the rest of the training split,
     and the latent reference's error of each training crystal is the error of the member that never saw
-    it, not the ensemble mean's."""
+    it, not the ensemble mean's. With 3 folds for 2 members, fold 2 is seen by both and keeps the
+    ensemble mean's error."""
     from cgnn_dgl.cache import load_packed
     from cgnn_dgl.config import load_run_config
     from cgnn_dgl.ensemble import reference_sample, train_ensemble, train_folds
@@ -490,8 +493,8 @@ def test_crossfit_ensemble_stores_out_of_fold_errors(tmp_path, dev_corpus):
     rows = usable_rows(dev_corpus, 160, sources=("perov_val",))
     cache = write_cache(tmp_path / "cache", rows, seed=2)
     run = tmp_path / "run"
-    cfg = tiny_config(cache, run, epochs=1, ensemble=2, crossfit=True, distance_uncertainty=True,
-                      local_error_uncertainty=True, distance_reference=50)
+    cfg = tiny_config(cache, run, epochs=1, ensemble=2, crossfit=True, crossfit_folds=n_folds,
+                      distance_uncertainty=True, local_error_uncertainty=True, distance_reference=50)
     train_ensemble(cfg, run)
     info = json.loads((run / ENSEMBLE_JSON).read_text())
     assert info["crossfit"] is True
@@ -499,19 +502,21 @@ def test_crossfit_ensemble_stores_out_of_fold_errors(tmp_path, dev_corpus):
     train_idx = load_split(run / "split.json", packed.entry_id, packed.names)["train"]
     for k in range(2):
         member = load_run_config(run / f"member_{k}" / "config.yaml", check_files=False)
-        assert (member.train.crossfit_fold, member.train.crossfit_folds) == (k, 2)
+        assert (member.train.crossfit_fold, member.train.crossfit_folds) == (k, n_folds or 2)
     ens = Ensemble.load(run)
     ref_idx = reference_sample(train_idx, 50, cfg.train.seed)
-    folds = train_folds(packed, train_idx, 2, cfg.train.split_seed)[np.searchsorted(train_idx, ref_idx)]
-    assert set(folds) == {0, 1}
+    folds = train_folds(packed, train_idx, n_folds or 2, cfg.train.split_seed)[np.searchsorted(train_idx, ref_idx)]
+    assert set(folds) == set(range(n_folds or 2))
     per_member = ens.predict(packed, ref_idx).members  # (2, n, T)
-    oof = per_member[folds, np.arange(len(ref_idx))]
+    oof = np.where((folds < 2)[:, None], per_member[np.minimum(folds, 1), np.arange(len(ref_idx))],
+                   per_member.mean(0))
     labelled = packed.y_mask[ref_idx][:, :4]
     errors = ens.distance.errors
     np.testing.assert_array_equal(np.isnan(errors), ~labelled)
     np.testing.assert_allclose(errors[labelled], np.abs(oof - packed.y[ref_idx][:, :4])[labelled], rtol=1e-4, atol=1e-5)
     in_sample = np.abs(per_member.mean(0) - packed.y[ref_idx][:, :4])
-    assert not np.allclose(errors[labelled], in_sample[labelled], rtol=1e-3)
+    out = folds < 2
+    assert not np.allclose(errors[out][labelled[out]], in_sample[out][labelled[out]], rtol=1e-3)
 
 
 # --------------------------------------------------------------------------------------------------

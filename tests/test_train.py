@@ -608,7 +608,10 @@ def test_crossfit_config_is_checked():
         TrainConfig(crossfit_fold=3, crossfit_folds=3).validate()
     with pytest.raises(UsageError, match="would leave out all the data"):
         TrainConfig(crossfit_fold=0, crossfit_folds=1).validate()
+    with pytest.raises(UsageError, match="each member needs a fold of its own"):
+        TrainConfig(crossfit=True, ensemble=3, crossfit_folds=2).validate()
     TrainConfig(crossfit=True, ensemble=3).validate()
+    TrainConfig(crossfit=True, ensemble=3, crossfit_folds=6).validate()
     TrainConfig(crossfit=True, crossfit_fold=2, crossfit_folds=3).validate()  # a member's own config
 
 
