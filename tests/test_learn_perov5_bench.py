@@ -82,6 +82,27 @@ def test_rows_one_at_a_time_then_merge(bench, shared, tmp_path):
         bench.main([*small, "--rows", "accurate", "--out", str(a), "--set", "train.lr=0.01"])
 
 
+@pytest.mark.filterwarnings("ignore:No Pauling electronegativity")
+def test_crossfit_row_leaves_each_members_fold_out(bench, shared, tmp_path):
+    """--set train.crossfit=true: member k of the ensemble row is saved with fold k of --members left out
+    of its training split, and the row is scored with the out-of-fold local error."""
+    import torch
+
+    csv_path = shared / "data" / "perov5" / "train.csv"
+    args = ["--csv", str(csv_path), "--limit", "160", "--workers", "1", "--threads", "1", "--rows", "ensemble",
+            "--members", "2", "--out", str(tmp_path / "cf"), "--set", "model.n_hidden_feat=8",
+            "--set", "model.n_graph_feat=16", "--set", "train.epochs=1", "--set", "train.crossfit=true",
+            "--set", "train.local_error_uncertainty=true"]
+    assert bench.main(args) == 0
+    res = json.loads((tmp_path / "cf" / "rows" / "ensemble.json").read_text())
+    assert res["config"]["train"]["crossfit"] is True and res["formation_energy"]["n"] > 0
+    assert 0 <= res["formation_energy"]["local_error_weight"] <= 1
+    for k in range(2):
+        ck = torch.load(tmp_path / "cf" / "accurate" / f"member_{k}" / "best.pt", weights_only=False)
+        t = ck["train_config"]
+        assert (t["crossfit_fold"], t["crossfit_folds"]) == (k, 2)
+
+
 @given(st.lists(st.sampled_from(["A", "B", "C", "D", "E", "F", "G"]), min_size=1, max_size=40),
        st.floats(0.05, 1.0))
 @settings(max_examples=60, deadline=None)
