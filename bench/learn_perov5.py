@@ -413,9 +413,7 @@ def main(argv=None) -> int:
     print(f"built {len(packed)} graphs in {time.perf_counter() - t0:.1f}s", flush=True)
     from cgnn_dgl.split import formula_split
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        formulas = packed.formulas()
+    formulas = packed.formulas()
     split = formula_split(formulas, packed.n_elements(), seed=SPLIT_SEED)
     if args.train_fraction < 1:
         split = dict(split, train=formula_subset(formulas, split["train"], args.train_fraction))

@@ -219,15 +219,19 @@ class PackedGraphs:
 
     def formulas(self) -> list[str]:
         """Reduced formulas (pymatgen convention), e.g. for the reference's formula-grouped split."""
+        import warnings
+
         from pymatgen.core import Composition, Element
 
         cache: dict[tuple, str] = {}
         out = []
-        for comp in self.compositions():
-            key = tuple(sorted(comp.items()))
-            if key not in cache:
-                cache[key] = Composition({Element.from_Z(z): n for z, n in key}).reduced_formula
-            out.append(cache[key])
+        with warnings.catch_warnings():  # pymatgen warns about noble-gas electronegativities
+            warnings.simplefilter("ignore")
+            for comp in self.compositions():
+                key = tuple(sorted(comp.items()))
+                if key not in cache:
+                    cache[key] = Composition({Element.from_Z(z): n for z, n in key}).reduced_formula
+                out.append(cache[key])
         return out
 
 

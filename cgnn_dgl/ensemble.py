@@ -579,11 +579,7 @@ def crossfit_folds(train_idx: np.ndarray, formulas: list[str], n_folds: int, see
 
 def train_folds(packed, train_idx: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
     """:func:`crossfit_folds` of the training crystals ``train_idx`` of ``packed``."""
-    import warnings
-
-    with warnings.catch_warnings():  # pymatgen warns about noble-gas electronegativities
-        warnings.simplefilter("ignore")
-        formulas = packed.formulas()
+    formulas = packed.formulas()
     train_idx = np.asarray(train_idx, dtype=np.int64)
     return crossfit_folds(train_idx, [formulas[i] for i in train_idx], n_folds, seed)
 

@@ -596,12 +596,7 @@ def make_split(packed, t: TrainConfig) -> dict[str, np.ndarray]:
     if method == "random":
         return random_split(len(packed), seed=t.split_seed, val_fraction=t.val_fraction,
                             test_fraction=t.test_fraction)
-    import warnings
-
-    with warnings.catch_warnings():  # pymatgen warns about noble-gas electronegativities
-        warnings.simplefilter("ignore")
-        formulas = packed.formulas()
-    return formula_split(formulas, packed.n_elements(), seed=t.split_seed,
+    return formula_split(packed.formulas(), packed.n_elements(), seed=t.split_seed,
                          val_fraction=t.val_fraction, test_fraction=t.test_fraction)
 
 
