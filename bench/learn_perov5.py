@@ -7,8 +7,8 @@ is used; every model is selected on val and scored on test, next to a mean predi
 Rows (``--rows``, comma-separated; default all):
 
     benchmark          the reference recipe: preset benchmark, batch 512, multistep LR (--epochs, --lr, ...)
-    accurate           one model of --config (default configs/accurate.yaml), seed 12345
-    ensemble           --members models of --config (seeds 12345 + k), std calibrated on val
+    accurate           one model of --config (default configs/accurate.yaml), its train.seed (else 12345)
+    ensemble           --members models of --config (seeds train.seed + k), std calibrated on val
     accurate_geometry  as accurate, with model.geometry: true
     ensemble_geometry  as ensemble, with model.geometry: true
 
@@ -180,7 +180,8 @@ def row_config(row: str, args, base: dict):
         data = json.loads(json.dumps(base))
         if row.endswith("geometry"):
             data["model"]["geometry"] = True
-    data["train"].update(seed=SPLIT_SEED, split_seed=SPLIT_SEED, progress=args.progress,
+    # member k's seed: the config's train.seed (12345 when it names none) + k; the split is always SPLIT_SEED's
+    data["train"].update(seed=data["train"].get("seed", SPLIT_SEED), split_seed=SPLIT_SEED, progress=args.progress,
                          num_threads=args.threads, out_dir=str(Path(args.out) / ROW_FAMILY[row]))
     data = apply_overrides(data, [s if s.startswith(("model.", "train.")) else f"train.{s}" for s in args.set])
     return RunConfig.from_dict(data)

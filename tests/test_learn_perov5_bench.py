@@ -118,3 +118,21 @@ def test_formula_subset_keeps_whole_formulas(formulas, fraction):
     kept = {formulas[i] for i in got}
     assert len(kept) == round(fraction * len({formulas[i] for i in train}))
     assert sorted(got.tolist()) == [i for i in train.tolist() if formulas[i] in kept]
+
+
+def test_member_seeds_follow_the_configs_seed(bench, tmp_path):
+    """The accurate / ensemble rows seed member k with the config's train.seed + k (configs/accurate.yaml's
+    measured seeds), 12345 + k when the config names none; the split seed and the benchmark row stay 12345."""
+    import argparse
+
+    args = argparse.Namespace(preset="benchmark", epochs=2, batch_size=64, lr=1e-3, progress=False, threads=1,
+                              out=str(tmp_path), set=[])
+    base = {"model": {"preset": "benchmark"}, "train": {"seed": 777}}
+    cfg = bench.row_config("ensemble", args, base)
+    assert (cfg.train.seed, cfg.train.split_seed) == (777, bench.SPLIT_SEED)
+    assert bench.member_seed_config(cfg, 3, tmp_path / "m3", 5).train.seed == 780
+    assert bench.row_config("accurate", args, {"model": {"preset": "benchmark"}, "train": {}}).train.seed == 12345
+    assert bench.row_config("benchmark", args, base).train.seed == bench.SPLIT_SEED
+    shipped = yaml.safe_load((REPO / "configs" / "accurate.yaml").read_text())
+    assert bench.row_config("ensemble", args, {"model": shipped["model"], "train": shipped["train"]}).train.seed \
+        == shipped["train"]["seed"]
