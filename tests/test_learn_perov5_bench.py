@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 REPO = Path(__file__).resolve().parents[1]
+NAMES3 = ("formation_energy", "volume_per_atom", "band_gap")
 
 
 def _load_bench():
@@ -71,6 +72,19 @@ def test_rows_one_at_a_time_then_merge(bench, shared, tmp_path):
         assert "distance_weight" not in single[name]
         assert ens["val"][name]["coverage_95"] == pytest.approx(0.95, abs=0.1)  # fitted there
     assert single["train_seconds"] > 0 and ens["train_seconds"] > single["train_seconds"]
+    assert "swapped" not in single and set(ens["swapped"]) >= {"formation_energy", "volume_per_atom", "band_gap"}
+    for name in ("formation_energy", "volume_per_atom", "band_gap"):
+        sw = ens["swapped"][name]
+        assert -1 <= sw["spearman"] <= 1 and 0 <= sw["coverage_68"] <= sw["coverage_95"] <= 1
+
+    # without the distance the std is the members' spread times a scale: ranks do not see the scale, so the
+    # swap (fitted on test, scored on val) must give val's own Spearman; scoring test by mistake would not
+    assert bench.main([*small, "--rows", "ensemble", "--members", "2", "--out", str(a),
+                       "--set", "train.distance_uncertainty=false"]) == 0
+    plain = json.loads((a / "rows" / "ensemble.json").read_text())
+    assert any(plain["val"][n]["spearman"] != pytest.approx(plain[n]["spearman"]) for n in NAMES3)
+    for name in NAMES3:
+        assert plain["swapped"][name]["spearman"] == pytest.approx(plain["val"][name]["spearman"])
 
     assert bench.main(["--merge", str(a), str(b), "--out", str(tmp_path / "m")]) == 0
     table = (tmp_path / "m" / "table.md").read_text()
