@@ -147,6 +147,10 @@ def test_member_seeds_follow_the_configs_seed(bench, tmp_path):
     assert bench.member_seed_config(cfg, 3, tmp_path / "m3", 5).train.seed == 780
     assert bench.row_config("accurate", args, {"model": {"preset": "benchmark"}, "train": {}}).train.seed == 12345
     assert bench.row_config("benchmark", args, base).train.seed == bench.SPLIT_SEED
+    args.split_seed = 4242  # --split-seed moves the split, not the members' seeds
+    cfg = bench.row_config("ensemble", args, base)
+    assert (cfg.train.seed, cfg.train.split_seed) == (777, 4242)
+    assert bench.row_config("benchmark", args, base).train.seed == bench.SPLIT_SEED
     shipped = yaml.safe_load((REPO / "configs" / "accurate.yaml").read_text())
     assert bench.row_config("ensemble", args, {"model": shipped["model"], "train": shipped["train"]}).train.seed \
         == shipped["train"]["seed"]
